@@ -1,0 +1,449 @@
+"""Activation capture: forward hooks on chosen modules feeding streaming reducers.
+
+Every data-driven criterion reads activations through this module. Hooks are registered on the
+modules chosen by exact name, glob pattern (``"vision_model.*.fc1"``) or type; every module output
+(a tensor, a tuple whose first element is a tensor, or a ``ModelOutput``) is turned into a tensor
+and handed to that module's reducer together with the batch's padding mask. Reducers keep only what
+they need (a running mean, the first ``n`` representation rows), never all activations.
+
+The padding mask of a batch (``attention_mask`` of shape (B, T)) applies to an output of shape
+(B, T, ...) only; outputs whose sequence length differs (e.g. vision tokens) are unmasked.
+
+Hooks are always removed and the model's train/eval mode restored, even when a forward fails.
+
+Example:
+    >>> from vlprune.plugins.capture import capture, StoreRows
+    >>> rows = capture(model, batches, ["*.fc1"], lambda name: StoreRows("mean", n_samples=256))
+    >>> rows["text_model.encoder.layers.0.mlp.fc1"].shape   # doctest: +SKIP
+    torch.Size([256, 64])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlprune.errors import DataError, ModelStructureError
+
+__all__ = [
+    "Representation",
+    "Reducer",
+    "StoreRows",
+    "ChannelMean",
+    "resolve_modules",
+    "first_tensor",
+    "represent",
+    "call_model",
+    "iterate_batches",
+    "ActivationCapture",
+    "capture",
+    "preserved_mode",
+]
+
+logger = logging.getLogger(__name__)
+
+Representation = Literal["flatten", "cls", "mean", "tokens"]
+ModuleSelector = str | type | Sequence[str | type] | None
+
+
+class Reducer(Protocol):
+    """What a capture hook feeds: ``update`` per forward call, ``result`` at the end."""
+
+    def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Consume one module output (B, ...) and the padding mask (B, T) or None."""
+
+    def result(self) -> Any:
+        """The reduced value."""
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The main tensor of a module output: the tensor itself, the first tensor of a tuple/list,
+    or ``last_hidden_state`` / the first tensor of a ``ModelOutput`` / dict. None if there is none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if isinstance(output.get("last_hidden_state"), torch.Tensor):
+            return output["last_hidden_state"]
+        for value in output.values():
+            found = first_tensor(value)
+            if found is not None:
+                return found
+        return None
+    if isinstance(output, (tuple, list)):
+        for value in output:
+            found = first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _matching_mask(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or output.dim() < 3:
+        return None
+    if tuple(mask.shape) != tuple(output.shape[:2]):
+        return None
+    return mask.to(device=output.device, dtype=torch.bool)
+
+
+def represent(output: torch.Tensor, representation: Representation, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Turn a module output into rows of points, in float32.
+
+    Args:
+        output: (B, D) or (B, T, D) activations (more trailing dims are flattened into D).
+        representation: ``"flatten"`` one row per sample, the whole (T x D) output with padded
+            positions zeroed (the ID paper's choice); ``"cls"`` the first token; ``"mean"`` the mean
+            over unpadded tokens; ``"tokens"`` one row per unpadded token.
+        mask: (B, T) padding mask (1 = real token), applied only if its shape matches.
+
+    Returns:
+        (rows, features) float32 tensor.
+    """
+    x = output.detach()
+    if x.dim() == 1:
+        x = x[:, None]
+    if x.dim() == 2:
+        return x.float()
+    if x.dim() > 3:
+        x = x.flatten(2)
+    m = _matching_mask(x, mask)
+    if representation == "flatten":
+        if m is not None:
+            x = x * m[..., None].to(x.dtype)
+        return x.float().flatten(1)
+    if representation == "cls":
+        return x[:, 0].float()
+    if representation == "mean":
+        x = x.float()
+        if m is None:
+            return x.mean(dim=1)
+        w = m[..., None].float()
+        return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+    if representation == "tokens":
+        x = x.float()
+        return x[m] if m is not None else x.reshape(-1, x.shape[-1])
+    raise DataError(f"unknown representation {representation!r}; choose flatten, cls, mean or tokens")
+
+
+class StoreRows:
+    """Keep the first ``n_samples`` representation rows of a module's outputs.
+
+    ``"flatten"`` rows of batches with different sequence lengths are zero-padded to the longest
+    length seen when :meth:`result` is called.
+
+    Args:
+        representation: see :func:`represent`.
+        n_samples: number of rows kept (None: all).
+        dtype: storage dtype (float32 by default; float16 halves memory for wide layers).
+        name: module name, used in error messages.
+    """
+
+    def __init__(
+        self,
+        representation: Representation = "flatten",
+        n_samples: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+    ) -> None:
+        self.representation = representation
+        self.n_samples = n_samples
+        self.dtype = dtype
+        self.name = name
+        self._chunks: list[torch.Tensor] = []
+        self._rows = 0
+        self._width = 0
+
+    @property
+    def full(self) -> bool:
+        """True once ``n_samples`` rows are stored."""
+        return self.n_samples is not None and self._rows >= self.n_samples
+
+    @property
+    def rows(self) -> int:
+        """Number of rows stored so far."""
+        return self._rows
+
+    def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.full:
+            return
+        rows = represent(output, self.representation, mask)
+        if not bool(torch.isfinite(rows).all()):
+            raise DataError(
+                f"module {self.name or '?'} produced NaN or Inf activations; check the model "
+                "weights and inputs (for fp16 models, overflow is a common cause)"
+            )
+        if self.n_samples is not None:
+            rows = rows[: self.n_samples - self._rows]
+        self._chunks.append(rows.to(self.dtype).cpu())
+        self._rows += rows.shape[0]
+        self._width = max(self._width, rows.shape[1])
+
+    def result(self) -> torch.Tensor:
+        """(rows, features) tensor of the stored rows (float32)."""
+        if not self._chunks:
+            return torch.empty(0, 0)
+        chunks = [
+            torch.nn.functional.pad(c, (0, self._width - c.shape[1])) if c.shape[1] < self._width else c
+            for c in self._chunks
+        ]
+        return torch.cat(chunks).float()
+
+
+class ChannelMean:
+    """Running mean over samples and unpadded tokens of each output channel (last dim)."""
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = output.detach().float()
+        m = _matching_mask(x, mask)
+        rows = x[m] if m is not None else x.reshape(-1, x.shape[-1])
+        s = rows.sum(dim=0, dtype=torch.float64).cpu()
+        self._sum = s if self._sum is None else self._sum + s
+        self._count += rows.shape[0]
+
+    def result(self) -> torch.Tensor:
+        """(channels,) float64 mean, or an empty tensor if nothing was seen."""
+        if self._sum is None or self._count == 0:
+            return torch.empty(0)
+        return self._sum / self._count
+
+
+def resolve_modules(
+    model: nn.Module,
+    modules: ModuleSelector = None,
+    default_types: tuple[type, ...] = (nn.Linear,),
+) -> list[str]:
+    """Names of the modules of ``model`` chosen by ``modules``, in registration order.
+
+    Args:
+        model: the model.
+        modules: None (every module of ``default_types``), an exact module name, a glob pattern
+            (``*``, ``?``, ``[``), a module type, or a sequence mixing these.
+        default_types: types chosen when ``modules`` is None.
+
+    Returns:
+        The matching module names (never the root ``""``).
+
+    Raises:
+        ModelStructureError: a name or pattern (or the whole selection) matches nothing.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if modules is None:
+        chosen = [n for n, m in named if isinstance(m, default_types)]
+        if not chosen:
+            raise ModelStructureError(
+                f"the model has no module of type {', '.join(t.__name__ for t in default_types)}"
+            )
+        return chosen
+    selectors = [modules] if isinstance(modules, (str, type)) else list(modules)
+    picked: set[str] = set()
+    for sel in selectors:
+        if isinstance(sel, type):
+            hits = {n for n, m in named if isinstance(m, sel)}
+        elif isinstance(sel, str) and any(ch in sel for ch in "*?["):
+            hits = {n for n, _ in named if fnmatch.fnmatchcase(n, sel)}
+        elif isinstance(sel, str):
+            hits = {sel} if any(n == sel for n, _ in named) else set()
+        else:
+            raise ModelStructureError(f"module selector must be a name, pattern or type, got {sel!r}")
+        if not hits:
+            examples = ", ".join(n for n, _ in named[:8])
+            raise ModelStructureError(
+                f"module selector {sel!r} matches no module of {type(model).__name__}; "
+                f"module names look like: {examples}, ..."
+            )
+        picked |= hits
+    return [n for n, _ in named if n in picked]
+
+
+@contextmanager
+def preserved_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Put ``model`` (and every submodule) in train/eval mode, restoring each module's mode on exit."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one batch: ``model(**batch)`` for a mapping, ``model(*batch)`` for a
+    tuple/list, else ``model(batch)``; tensors are moved to the model's device first."""
+    batch = _to(batch, _device_of(model))
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _batch_mask(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask
+    return None
+
+
+def _batch_size(batch: Any) -> int:
+    t = first_tensor(batch if not isinstance(batch, Mapping) else list(batch.values()))
+    return int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+
+
+def iterate_batches(batches: Iterable[Any]) -> list[Any]:
+    """Materialise ``batches`` (so several passes are possible) and reject an empty iterable."""
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    out = list(batches)
+    if not out:
+        raise DataError("the calibration batches are empty; give at least one batch")
+    return out
+
+
+class ActivationCapture:
+    """Context manager hooking ``modules`` of ``model`` and feeding one reducer per module.
+
+    Args:
+        model: the model.
+        modules: module names, glob patterns or types (see :func:`resolve_modules`), or None for
+            every ``nn.Linear``.
+        reducer_factory: called with each module name, returns its :class:`Reducer`.
+
+    Example:
+        >>> with ActivationCapture(model, "*.fc2", lambda n: ChannelMean()) as cap:
+        ...     cap.run(batches)
+        >>> means = cap.results()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSelector,
+        reducer_factory: Callable[[str], Reducer],
+    ) -> None:
+        self.model = model
+        self.names = resolve_modules(model, modules)
+        self.reducers: dict[str, Reducer] = {n: reducer_factory(n) for n in self.names}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._mask: torch.Tensor | None = None
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        reducer = self.reducers[name]
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            tensor = first_tensor(output)
+            if tensor is None:
+                return
+            reducer.update(tensor, self._mask)
+
+        return hook
+
+    def __enter__(self) -> ActivationCapture:
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.names:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def run(
+        self,
+        batches: Iterable[Any],
+        *,
+        grad: bool = False,
+        progress: bool = True,
+        stop_when: Callable[[], bool] | None = None,
+        desc: str = "capture",
+    ) -> int:
+        """Run the model over ``batches`` in eval mode (mode restored after).
+
+        Args:
+            batches: dicts (``model(**b)``), tuples (``model(*b)``) or tensors (``model(b)``).
+            grad: keep autograd on (for gradient-based criteria).
+            progress: show a tqdm bar.
+            stop_when: checked after each batch; True stops early (e.g. every reducer full).
+            desc: progress-bar label.
+
+        Returns:
+            Number of samples seen.
+        """
+        seen = 0
+        items = iterate_batches(batches)
+        with preserved_mode(self.model, training=False), torch.set_grad_enabled(grad):
+            for batch in tqdm(items, desc=desc, disable=not progress, leave=False):
+                self._mask = _batch_mask(batch)
+                try:
+                    call_model(self.model, batch)
+                finally:
+                    self._mask = None
+                seen += _batch_size(batch)
+                if stop_when is not None and stop_when():
+                    break
+        return seen
+
+    def results(self) -> dict[str, Any]:
+        """Each module's reducer result."""
+        return {n: r.result() for n, r in self.reducers.items()}
+
+
+def capture(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: ModuleSelector,
+    reducer_factory: Callable[[str], Reducer],
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One pass of ``model`` over ``batches`` with hooks on ``modules``; returns each reducer's result.
+
+    Args:
+        model: the model (left in the mode it was in).
+        batches: calibration batches (see :meth:`ActivationCapture.run`).
+        modules: module names, patterns or types.
+        reducer_factory: module name -> reducer.
+        progress: show a progress bar.
+
+    Returns:
+        module name -> reducer result.
+    """
+    with ActivationCapture(model, modules, reducer_factory) as cap:
+        cap.run(batches, progress=progress)
+        return cap.results()

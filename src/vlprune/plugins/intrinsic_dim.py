@@ -1,0 +1,617 @@
+"""Intrinsic dimension (ID) estimation: TwoNN in torch, and per-layer ID profiles of a model.
+
+TwoNN (Facco et al., 2017): for every point, ``mu = r2 / r1`` (distances to the second and first
+nearest neighbours). ``log mu`` is exponential with rate ``d``; the estimate fits
+``-log(1 - F_emp(mu)) = d * log(mu)`` through the origin (``method="linear"``) or takes the
+closed-form maximum likelihood estimate (``method="mle"``). Conventions follow
+``skdim.id.TwoNN`` (the reference this module is tested against):
+
+* the ``discard_fraction`` largest ratios are dropped before the linear fit; with ``"mle"`` they
+  count as censored observations;
+* ``F_emp(i) = i / N`` for the i-th smallest kept ratio (1-based), ``N`` the number of points;
+* with ``discard_fraction=0`` the linear fit would need ``-log(0)`` for the largest ratio, so that
+  single point is left out of the fit (the official ID-pruning code drops the last two).
+
+Unlike scikit-dimension, exact duplicate rows are collapsed to one copy before the estimate
+(scikit-dimension drops every copy); both then see the same distinct points.
+
+Numerics: the data are centred (mean in float64), nearest-neighbour candidates come from chunked
+float32 matrix products, and the distances of the few candidates per point are recomputed exactly
+in float64 from the original rows before ``mu`` is formed, so the result does not depend on the
+cancellation error of ``|x|^2 + |y|^2 - 2 x.y``. Works on CPU or GPU tensors; fp16 / bf16 input is upcast.
+
+Example:
+    >>> import torch
+    >>> from vlprune.plugins.intrinsic_dim import twonn
+    >>> x = torch.randn(2000, 5) @ torch.randn(5, 100)   # a 5-dimensional subspace of R^100
+    >>> round(twonn(x))
+    5
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vlprune.errors import DataError, ModelStructureError, VLPruneError
+from vlprune.plugins.capture import (
+    ActivationCapture,
+    ModuleSelector,
+    Representation,
+    StoreRows,
+    iterate_batches,
+    resolve_modules,
+)
+
+__all__ = [
+    "twonn",
+    "twonn_block_average",
+    "nearest_neighbour_distances",
+    "drop_duplicate_rows",
+    "Estimator",
+    "LayerID",
+    "IDProfile",
+    "estimate_ids",
+]
+
+logger = logging.getLogger(__name__)
+
+Estimator = Literal["linear", "mle"]
+
+#: number of float32 nearest-neighbour candidates re-checked in float64 per point
+_CANDIDATES = 4
+
+
+def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except Exception as exc:  # pragma: no cover - depends on the foreign type
+            raise DataError(f"twonn expects a 2-D tensor or array, got {type(x).__name__}") from exc
+    if x.dim() != 2:
+        raise DataError(f"twonn expects a 2-D (points x features) tensor, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        x = x.double()
+    if not bool(torch.isfinite(x).all()):
+        raise DataError("the data contain NaN or Inf values; the intrinsic dimension is undefined")
+    return x
+
+
+def drop_duplicate_rows(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` with exact duplicate rows collapsed to their first occurrence (order kept).
+
+    Rows are hashed by two random float64 projections; rows with equal hashes are compared
+    exactly, so the result is exact, and the cost is O(N * D) instead of a lexicographic sort.
+
+    Args:
+        x: (N, D) tensor.
+
+    Returns:
+        (N', D) tensor with N' <= N distinct rows.
+    """
+    if x.shape[0] < 2:
+        return x
+    g = torch.Generator(device="cpu").manual_seed(0)
+    proj = torch.randn(x.shape[1], 2, generator=g, dtype=torch.float64).to(x.device)
+    keys = (x.to(torch.float64) @ proj).cpu().tolist()
+    buckets: dict[tuple[float, ...], list[int]] = {}
+    keep: list[int] = []
+    for i, key in enumerate(keys):
+        bucket = buckets.setdefault(tuple(key), [])
+        if any(torch.equal(x[i], x[j]) for j in bucket):
+            continue
+        bucket.append(i)
+        keep.append(i)
+    if len(keep) == x.shape[0]:
+        return x
+    return x[torch.tensor(keep, device=x.device)]
+
+
+def _centred_float32(x: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+    """Centred copy of ``x`` in float32 (mean in float64), built chunk by chunk."""
+    mean = x.sum(dim=0, dtype=torch.float64) / x.shape[0]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], rows_per_chunk):
+        out[start : start + rows_per_chunk] = (x[start : start + rows_per_chunk].double() - mean).float()
+    return out
+
+
+def nearest_neighbour_distances(
+    x: torch.Tensor, *, chunk_size: int | None = None, k: int = 2
+) -> torch.Tensor:
+    """Exact Euclidean distances of every row of ``x`` to its ``k`` nearest other rows.
+
+    Candidates are found with chunked float32 matrix products on centred data; the distances of
+    the best ``max(k, 4)`` candidates are then recomputed in float64 from the rows themselves, so
+    the returned distances carry no cancellation error. Memory beyond ``x`` itself: one float32
+    centred copy and chunks of about 64 MB.
+
+    Args:
+        x: (N, D) float tensor, N >= k + 1.
+        chunk_size: rows per distance chunk (default: a chunk's N-wide distance block stays
+            near 64 MB).
+        k: number of neighbours.
+
+    Returns:
+        (N, k) float64 tensor, ascending along dim 1.
+    """
+    n, dim = x.shape
+    if n < k + 1:
+        raise DataError(f"need at least {k + 1} points for {k} nearest neighbours, got {n}")
+    budget = 8 * 1024 * 1024  # elements per temporary, ~64 MB in float64
+    x32 = _centred_float32(x, max(1, budget // max(dim, 1)))
+    sq = (x32.double() ** 2).sum(dim=1).float()
+    m = min(max(k, _CANDIDATES), n - 1)
+    if chunk_size is None:
+        chunk_size = max(1, min(n, budget // n))
+    refine_rows = max(1, budget // (m * max(dim, 1)))
+    out = torch.empty(n, k, dtype=torch.float64, device=x.device)
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x32[start:stop] @ x32.T)
+        rows = torch.arange(stop - start, device=x.device)
+        d2[rows, rows + start] = float("inf")
+        cand = torch.topk(d2, m, dim=1, largest=False).indices
+        del d2
+        for r0 in range(start, stop, refine_rows):
+            r1 = min(stop, r0 + refine_rows)
+            exact = torch.cdist(
+                x[r0:r1, None, :].double(),
+                x[cand[r0 - start : r1 - start]].double(),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )[:, 0, :]
+            out[r0:r1] = torch.sort(exact, dim=1).values[:, :k]
+    return out
+
+
+def _fit(mu: torch.Tensor, discard_fraction: float, method: Estimator) -> float:
+    n = mu.numel()
+    n_keep = int(n * (1 - discard_fraction))
+    if method == "linear":
+        # -log(1 - F) is infinite for F = 1 (only when nothing is discarded)
+        n_keep = min(n_keep, n - 1)
+    if n_keep < 2:
+        raise DataError(
+            f"only {n_keep} ratio(s) left after discarding {discard_fraction:.0%} of {n} points; "
+            "use more points or a smaller discard_fraction"
+        )
+    mu_sorted = torch.sort(mu.to(torch.float64)).values[:n_keep]
+    log_mu = torch.log(mu_sorted)
+    if method == "mle":
+        denom = log_mu.sum() + (n - n_keep) * log_mu[-1]
+        if denom <= 0:
+            raise DataError("all nearest-neighbour ratios equal 1; the intrinsic dimension is undefined")
+        return float((n_keep - 1) / denom)
+    femp = torch.arange(1, n_keep + 1, dtype=torch.float64, device=mu.device) / n
+    y = -torch.log1p(-femp)
+    denom = (log_mu * log_mu).sum()
+    if denom <= 0:
+        raise DataError("all nearest-neighbour ratios equal 1; the intrinsic dimension is undefined")
+    return float((log_mu * y).sum() / denom)
+
+
+def twonn(
+    x: torch.Tensor,
+    discard_fraction: float = 0.1,
+    method: Estimator = "linear",
+    *,
+    chunk_size: int | None = None,
+) -> float:
+    """TwoNN intrinsic dimension of the rows of ``x``.
+
+    Args:
+        x: (N, D) tensor (any float dtype, CPU or GPU) or array-like.
+        discard_fraction: fraction of the largest ratios ``mu`` left out of the fit, in [0, 1).
+        method: ``"linear"`` (Facco et al. least squares) or ``"mle"``.
+        chunk_size: rows per distance chunk (memory vs speed), default automatic.
+
+    Returns:
+        The estimated intrinsic dimension.
+
+    Raises:
+        DataError: fewer than 3 distinct points, NaN/Inf, or a degenerate fit.
+        VLPruneError: a bad ``method`` or ``discard_fraction``.
+
+    Example:
+        >>> twonn(torch.rand(1000, 3))   # doctest: +SKIP
+        2.9...
+    """
+    if method not in ("linear", "mle"):
+        raise VLPruneError(f"method must be 'linear' or 'mle', got {method!r}")
+    if not 0.0 <= discard_fraction < 1.0:
+        raise VLPruneError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
+    x = _as_2d_float(x)
+    n_in = x.shape[0]
+    x = drop_duplicate_rows(x)
+    if x.shape[0] < n_in:
+        logger.info("twonn: dropped %d duplicate row(s) of %d", n_in - x.shape[0], n_in)
+    if x.shape[0] < 3:
+        raise DataError(
+            f"TwoNN needs at least 3 distinct points, got {x.shape[0]} (of {n_in} rows); "
+            "give more calibration samples"
+        )
+    r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
+    mu = r[:, 1] / r[:, 0]
+    return _fit(mu, discard_fraction, method)
+
+
+def twonn_block_average(
+    x: torch.Tensor,
+    n_blocks: int | tuple[int, ...] = 20,
+    discard_fraction: float = 0.1,
+    method: Estimator = "linear",
+    *,
+    generator: torch.Generator | None = None,
+) -> float:
+    """The ID averaged over random splits of the points into 1..``n_blocks`` blocks.
+
+    The ID-pruning paper reports, for each number of blocks b in 1..20, the mean TwoNN estimate
+    over the b blocks of a random partition, and then averages over b. Blocks that end up with
+    fewer than 3 distinct points are skipped.
+
+    Args:
+        x: (N, D) tensor.
+        n_blocks: the largest number of blocks (all of 1..n_blocks are used), or an explicit
+            tuple of block counts.
+        discard_fraction: as in :func:`twonn`.
+        method: as in :func:`twonn`.
+        generator: source of the random partitions (default: seeded with 0).
+
+    Returns:
+        The block-averaged estimate.
+    """
+    x = _as_2d_float(x)
+    x = drop_duplicate_rows(x)
+    counts = tuple(range(1, n_blocks + 1)) if isinstance(n_blocks, int) else tuple(n_blocks)
+    if not counts or min(counts) < 1:
+        raise VLPruneError(f"n_blocks must be >= 1, got {n_blocks}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    per_count: list[float] = []
+    for b in counts:
+        perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        estimates = []
+        for block in torch.chunk(perm, b):
+            if block.numel() < 3:
+                continue
+            try:
+                estimates.append(twonn(x[block], discard_fraction, method))
+            except DataError:
+                continue
+        if estimates:
+            per_count.append(sum(estimates) / len(estimates))
+    if not per_count:
+        raise DataError(f"no block had enough points for TwoNN ({x.shape[0]} points)")
+    value = sum(per_count) / len(per_count)
+    if not math.isfinite(value):
+        raise DataError("block-averaged intrinsic dimension is not finite")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer profiles
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerID:
+    """The intrinsic dimension of one module's representation.
+
+    Attributes:
+        name: module path.
+        id: the estimate.
+        n_samples: number of points (rows) it was estimated from, after dropping duplicates.
+        features: width of one point (e.g. seq_len x out_dim for ``"flatten"``).
+        modality: ``"vision"``, ``"language"``, ``"fusion"`` or ``"unknown"``.
+    """
+
+    name: str
+    id: float
+    n_samples: int
+    features: int
+    modality: str = "unknown"
+
+
+@dataclass
+class IDProfile:
+    """Per-module intrinsic dimensions of a model, in forward (registration) order.
+
+    Example:
+        >>> profile = vlprune.estimate_ids(model, batches, n_samples=2000)   # doctest: +SKIP
+        >>> profile["vision_model.encoder.layers.0.mlp.fc1"]                 # doctest: +SKIP
+        41.7
+        >>> profile.plot("id.png"); profile.to_json("id.json")              # doctest: +SKIP
+    """
+
+    layers: dict[str, LayerID] = field(default_factory=dict)
+    representation: str = "flatten"
+    estimator: str = "linear"
+    discard_fraction: float = 0.1
+    n_blocks: int | None = None
+    model_class: str = ""
+
+    def __getitem__(self, name: str) -> float:
+        try:
+            return self.layers[name].id
+        except KeyError:
+            raise ModelStructureError(
+                f"the ID profile has no entry for module {name!r}; it covers {len(self.layers)} "
+                "modules (estimate_ids(..., modules=...) chooses which)"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def get(self, name: str, default: float | None = None) -> float | None:
+        """The ID of ``name``, or ``default``."""
+        layer = self.layers.get(name)
+        return layer.id if layer is not None else default
+
+    def ids(self) -> dict[str, float]:
+        """module name -> ID."""
+        return {n: layer.id for n, layer in self.layers.items()}
+
+    def by_modality(self) -> dict[str, list[LayerID]]:
+        """modality -> its layers, in forward order."""
+        out: dict[str, list[LayerID]] = {}
+        for layer in self.layers.values():
+            out.setdefault(layer.modality, []).append(layer)
+        return out
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per modality: number of layers, mean, min, max and first/peak/last position of the ID."""
+        out: dict[str, dict[str, float]] = {}
+        for modality, layers in self.by_modality().items():
+            values = [x.id for x in layers]
+            peak = max(range(len(values)), key=values.__getitem__)
+            out[modality] = {
+                "layers": float(len(values)),
+                "mean": sum(values) / len(values),
+                "min": min(values),
+                "max": max(values),
+                "first": values[0],
+                "last": values[-1],
+                "peak_position": peak / max(1, len(values) - 1),
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "format": "vlprune.IDProfile/1",
+            "representation": self.representation,
+            "estimator": self.estimator,
+            "discard_fraction": self.discard_fraction,
+            "n_blocks": self.n_blocks,
+            "model_class": self.model_class,
+            "layers": [asdict(layer) for layer in self.layers.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IDProfile:
+        """Inverse of :meth:`to_dict`."""
+        if data.get("format") != "vlprune.IDProfile/1":
+            raise VLPruneError("not a vlprune ID profile (missing format 'vlprune.IDProfile/1')")
+        layers = {d["name"]: LayerID(**d) for d in data["layers"]}
+        return cls(
+            layers=layers,
+            representation=data.get("representation", "flatten"),
+            estimator=data.get("estimator", "linear"),
+            discard_fraction=data.get("discard_fraction", 0.1),
+            n_blocks=data.get("n_blocks"),
+            model_class=data.get("model_class", ""),
+        )
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the profile as JSON; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> IDProfile:
+        """Read a profile written by :meth:`to_json`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VLPruneError(f"cannot read an ID profile from {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Plot ID over depth, one line per modality (the paper's vision "hunchback" vs flat
+        language figure), and save it as an image; returns the path."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        colours = {"vision": "tab:red", "language": "tab:blue", "fusion": "tab:green"}
+        for modality, layers in self.by_modality().items():
+            ax.plot(
+                range(len(layers)),
+                [x.id for x in layers],
+                marker="o",
+                markersize=3,
+                label=f"{modality} ({len(layers)} modules)",
+                color=colours.get(modality, "tab:gray"),
+            )
+        ax.set_xlabel("module index within its modality (forward order)")
+        ax.set_ylabel(f"intrinsic dimension (TwoNN, {self.estimator})")
+        ax.set_title(title or f"ID profile of {self.model_class or 'model'} ({self.representation})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def _row_width(output: torch.Tensor, representation: Representation) -> int:
+    x = output
+    if x.dim() <= 2 or representation != "flatten":
+        return int(x.shape[-1]) if x.dim() <= 3 else int(x.flatten(2).shape[-1])
+    return int(x[0].numel())
+
+
+def _plan_groups(widths: dict[str, int], n_samples: int, bytes_per_value: int, budget: int) -> list[list[str]]:
+    groups: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, width in widths.items():
+        need = n_samples * width * bytes_per_value
+        if current and used + need > budget:
+            groups.append(current)
+            current, used = [], 0
+        if need > budget:
+            logger.warning(
+                "module %s alone needs %.1f MB of activations (budget %.1f MB); it gets a pass of its own",
+                name, need / 2**20, budget / 2**20,
+            )
+        current.append(name)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+def estimate_ids(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: ModuleSelector = None,
+    *,
+    n_samples: int = 2000,
+    representation: Representation = "flatten",
+    estimator: Estimator = "linear",
+    discard_fraction: float = 0.1,
+    n_blocks: int | None = None,
+    modality_of: Callable[[str], str] | None = None,
+    max_memory_mb: float = 2048.0,
+    storage_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> IDProfile:
+    """Intrinsic dimension of every chosen module's output.
+
+    The model runs in eval mode without gradients (its mode is restored). Memory stays bounded
+    for any number of layers: a probe forward measures each module's row width, modules are
+    packed into groups whose stored activations (``n_samples`` x width each) fit
+    ``max_memory_mb``, and each group gets its own pass over the batches (which stops as soon as
+    every module of the group has ``n_samples`` rows). The estimate is exact for the chosen
+    representation: every stored row enters the nearest-neighbour search.
+
+    Args:
+        model: any ``nn.Module`` (transformers models included); fp16/bf16 models work, the
+            distances are computed in float32/float64.
+        batches: iterable of dicts (``model(**batch)``), tuples or tensors (``model(batch)``).
+            It is materialised as a list, since several passes may be needed.
+        modules: module names / glob patterns / types (default: every ``nn.Linear``).
+        n_samples: rows per module (fewer if the batches hold fewer).
+        representation: ``"flatten"`` (paper), ``"cls"``, ``"mean"`` or ``"tokens"``.
+        estimator: ``"linear"`` or ``"mle"`` TwoNN.
+        discard_fraction: fraction of largest ratios left out, as in ``skdim.id.TwoNN``.
+        n_blocks: if set, average over random splits into 1..n_blocks blocks (the paper uses 20).
+        modality_of: module name -> modality label (the top-level ``vlprune.estimate_ids`` fills
+            it in from the model family).
+        max_memory_mb: budget for stored activations per pass.
+        storage_dtype: dtype of stored activations (float16 halves memory; float32 default).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`IDProfile`.
+
+    Raises:
+        DataError: empty batches, NaN/Inf activations, fewer than 3 distinct points.
+        ModelStructureError: ``modules`` matches nothing, or a module produced no tensor.
+    """
+    if n_samples < 3:
+        raise VLPruneError(f"n_samples must be at least 3, got {n_samples}")
+    items = iterate_batches(batches)
+    names = resolve_modules(model, modules)
+    # probe: the width of one row per module, from the first batch
+    widths: dict[str, int] = {}
+    probe: dict[str, torch.Tensor] = {}
+
+    class _Probe:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
+            probe.setdefault(self.name, output)
+
+        def result(self) -> None:
+            return None
+
+    with ActivationCapture(model, names, _Probe) as cap:
+        cap.run(items[:1], progress=False)
+    missing = [n for n in names if n not in probe]
+    if missing:
+        raise ModelStructureError(
+            f"{len(missing)} chosen module(s) produced no tensor output in a forward pass "
+            f"(e.g. {missing[:3]}); choose modules that run in model(**batch)"
+        )
+    for name in names:
+        widths[name] = _row_width(probe[name], representation)
+    probe.clear()
+    bytes_per_value = torch.tensor([], dtype=storage_dtype).element_size()
+    groups = _plan_groups(widths, n_samples, bytes_per_value, int(max_memory_mb * 2**20))
+    logger.info("estimate_ids: %d modules in %d pass(es)", len(names), len(groups))
+    layers: dict[str, LayerID] = {}
+    bar = tqdm(total=len(names), desc="intrinsic dimension", disable=not progress)
+    try:
+        for group in groups:
+            reducers = {
+                n: StoreRows(representation, n_samples=n_samples, dtype=storage_dtype, name=n) for n in group
+            }
+            with ActivationCapture(model, group, reducers.__getitem__) as cap:
+                cap.run(
+                    items,
+                    progress=False,
+                    stop_when=lambda: all(r.full for r in reducers.values()),
+                )
+            for name in group:
+                rows = reducers.pop(name).result()
+                rows = drop_duplicate_rows(rows)
+                try:
+                    if n_blocks:
+                        value = twonn_block_average(rows, n_blocks, discard_fraction, estimator)
+                    else:
+                        value = twonn(rows, discard_fraction, estimator)
+                except DataError as exc:
+                    raise DataError(f"module {name}: {exc}") from exc
+                layers[name] = LayerID(
+                    name=name,
+                    id=value,
+                    n_samples=int(rows.shape[0]),
+                    features=int(rows.shape[1]),
+                    modality=modality_of(name) if modality_of else "unknown",
+                )
+                del rows
+                bar.update(1)
+    finally:
+        bar.close()
+    return IDProfile(
+        layers={n: layers[n] for n in names},
+        representation=representation,
+        estimator=estimator,
+        discard_fraction=discard_fraction,
+        n_blocks=n_blocks,
+        model_class=type(model).__name__,
+    )
