@@ -1,9 +1,138 @@
-"""vlprune: vision-language pruning criteria as plugins for Torch-Pruning, NNI and transformers."""
+"""vlprune: vision-language pruning criteria as plugins for Torch-Pruning, NNI and transformers.
+
+Public API (everything a script needs is re-exported here)::
+
+    import vlprune
+    vlprune.criteria()                      # registered criteria: name, level, data needed, adapters
+    imp = vlprune.get_criterion("id_weighted", adapter="torch_pruning", base=..., profile=...)
+    profile = vlprune.estimate_ids(model, batches, n_samples=2000)
+    vlprune.sync_hf_model(model)            # after Torch-Pruning changed a transformers model
+    vlprune.save_pruned(model, "out/"); model = vlprune.load_pruned("out/")
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlprune.errors import DataError, ModelStructureError, RegistryError, VLPruneError
+from vlprune.plugins.capture import ModuleSelector, Representation
+from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
+from vlprune.plugins.intrinsic_dim import Estimator, IDProfile, LayerID, twonn, twonn_block_average
+from vlprune.plugins.intrinsic_dim import estimate_ids as _estimate_ids
+from vlprune.plugins.registry import check_pairing, criteria, get_criterion, register, unregister
+
 __version__ = "0.1.0.dev0"
 
-from vlprune.errors import VLPruneError
+__all__ = [
+    "__version__",
+    "VLPruneError",
+    "RegistryError",
+    "DataError",
+    "ModelStructureError",
+    "CriterionSpec",
+    "hookimpl",
+    "criteria",
+    "get_criterion",
+    "check_pairing",
+    "register",
+    "unregister",
+    "twonn",
+    "twonn_block_average",
+    "IDProfile",
+    "LayerID",
+    "estimate_ids",
+    "describe_model",
+    "sync_hf_model",
+    "save_pruned",
+    "load_pruned",
+]
 
-__all__ = ["__version__", "VLPruneError"]
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def describe_model(model: nn.Module) -> Any:
+    """Which modules of a transformers model are vision, language, fusion; attentions; MLPs.
+
+    See :func:`vlprune.adapters.hf.families.describe`.
+    """
+    from vlprune.adapters.hf.families import describe
+
+    return describe(model)
+
+
+def estimate_ids(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: ModuleSelector = None,
+    *,
+    n_samples: int = 2000,
+    representation: Representation = "flatten",
+    estimator: Estimator = "linear",
+    discard_fraction: float = 0.1,
+    n_blocks: int | None = None,
+    max_memory_mb: float = 2048.0,
+    storage_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> IDProfile:
+    """Per-layer intrinsic dimension of a model, each layer labelled vision / language / fusion.
+
+    By default every ``nn.Linear`` except output heads and projections (``lm_head``,
+    classifiers, CLIP projections) is profiled, as in the ID-pruning paper's official code; the
+    modality of each layer comes from the model family (``describe_model``). See
+    :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound.
+
+    Example:
+        >>> profile = vlprune.estimate_ids(model, calib_batches, n_samples=2000)   # doctest: +SKIP
+        >>> profile.plot("id.png"); profile.to_json("id.json")                   # doctest: +SKIP
+    """
+    info = describe_model(model)
+    if modules is None:
+        modules = [n for n in info.linear_modality if n not in set(info.heads)]
+        if not modules:
+            raise ModelStructureError(f"{type(model).__name__} has no nn.Linear outside its output heads")
+    return _estimate_ids(
+        model,
+        batches,
+        modules,
+        n_samples=n_samples,
+        representation=representation,
+        estimator=estimator,
+        discard_fraction=discard_fraction,
+        n_blocks=n_blocks,
+        modality_of=info.modality_of,
+        max_memory_mb=max_memory_mb,
+        storage_dtype=storage_dtype,
+        progress=progress,
+    )
+
+
+def sync_hf_model(model: nn.Module, **kwargs: Any) -> Any:
+    """Fix attention / config bookkeeping after Torch-Pruning changed a transformers model.
+
+    See :func:`vlprune.adapters.hf.surgery.sync_hf_model`.
+    """
+    from vlprune.adapters.hf.surgery import sync_hf_model as _sync
+
+    return _sync(model, **kwargs)
+
+
+def save_pruned(model: nn.Module, directory: Any) -> Any:
+    """Save a pruned transformers model so that :func:`load_pruned` rebuilds it exactly.
+
+    See :func:`vlprune.adapters.hf.surgery.save_pruned`.
+    """
+    from vlprune.adapters.hf.surgery import save_pruned as _save
+
+    return _save(model, directory)
+
+
+def load_pruned(directory: Any, **kwargs: Any) -> nn.Module:
+    """Load a model written by :func:`save_pruned`. See :func:`vlprune.adapters.hf.surgery.load_pruned`."""
+    from vlprune.adapters.hf.surgery import load_pruned as _load
+
+    return _load(directory, **kwargs)

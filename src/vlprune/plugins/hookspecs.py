@@ -1,0 +1,70 @@
+"""Hook specifications of the ``vlprune`` pluggy project, and what a criterion declares.
+
+Built-in criteria are registered through these hooks exactly as a third-party package's are.
+A third party writes a module (or object) with ``@hookimpl``-decorated functions and exposes it
+in the ``vlprune`` entry-point group of its ``pyproject.toml``::
+
+    [project.entry-points.vlprune]
+    my_criterion = "my_package.vlprune_plugin"
+
+Example plugin module:
+    >>> from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
+    >>> @hookimpl
+    ... def vlprune_register_criteria():
+    ...     return [CriterionSpec(name="l1_rows", level="channel", needs="none",
+    ...                           adapters={"torch_pruning": "my_package.tp:L1Rows"})]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pluggy
+
+__all__ = ["PROJECT", "hookspec", "hookimpl", "CriterionSpec", "VLPruneHookSpecs", "LEVELS", "NEEDS"]
+
+PROJECT = "vlprune"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Level = Literal["weight", "channel", "neuron", "layer", "token"]
+Needs = Literal["none", "calibration", "gradients", "training"]
+LEVELS: tuple[str, ...] = ("weight", "channel", "neuron", "layer", "token")
+NEEDS: tuple[str, ...] = ("none", "calibration", "gradients", "training")
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """What a registered criterion declares.
+
+    Attributes:
+        name: registry name (``get_criterion(name)``), lower case, unique.
+        level: what it scores: ``weight``, ``channel``, ``neuron``, ``layer`` or ``token``.
+        needs: the data it needs: ``none``, ``calibration`` (forward batches), ``gradients``
+            (backward passes) or ``training`` (updates during training steps).
+        adapters: adapter name (``torch_pruning``, ``nni``, ``hf``, ...) -> the object that
+            adapter uses: a callable taking the criterion's parameters, or a lazy
+            ``"module.path:Attribute"`` string imported on first use.
+        description: one line for ``vlprune list``.
+        source: the paper or library it comes from.
+        factory: optional framework-agnostic object (the plugin-level criterion), used when no
+            adapter is asked for.
+    """
+
+    name: str
+    level: Level
+    needs: Needs
+    adapters: Mapping[str, str | Callable[..., Any]] = field(default_factory=dict)
+    description: str = ""
+    source: str = ""
+    factory: str | Callable[..., Any] | None = None
+
+
+class VLPruneHookSpecs:
+    """The hooks a vlprune plugin may implement."""
+
+    @hookspec
+    def vlprune_register_criteria(self) -> list[CriterionSpec]:  # type: ignore[empty-body]
+        """Return the criteria this plugin provides."""
