@@ -1,0 +1,127 @@
+"""Activation capture: selection, output kinds, masks, hook and mode hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from vlprune import ModelStructureError
+from vlprune.plugins.capture import ActivationCapture, ChannelMean, StoreRows, capture, first_tensor, represent, resolve_modules
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+class _TupleOut(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return (x * 2, None)
+
+
+class _ModelOutputOut(nn.Module):
+    def forward(self, x: torch.Tensor):
+        return BaseModelOutput(last_hidden_state=x + 1)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = _TupleOut()
+        self.m = _ModelOutputOut()
+
+    def forward(self, x):
+        return self.m(self.t(x)[0])
+
+
+def test_resolve_by_name_pattern_type_and_default() -> None:
+    model = _Toy()
+    assert resolve_modules(model) == ["a", "b"]
+    assert resolve_modules(model, "b") == ["b"]
+    assert resolve_modules(model, "[ab]") == ["a", "b"]
+    assert resolve_modules(model, nn.Dropout) == ["drop"]
+    assert resolve_modules(model, ["b", nn.Dropout]) == ["b", "drop"]
+    with pytest.raises(ModelStructureError, match="matches no module"):
+        resolve_modules(model, "c*")
+
+
+def test_tuple_and_model_output_are_unwrapped() -> None:
+    assert first_tensor((None, torch.ones(1))).item() == 1
+    x = torch.randn(2, 3, 4)
+    got = capture(_Wrapper(), [x], ["t", "m"], lambda n: StoreRows("flatten"), progress=False)
+    torch.testing.assert_close(got["t"], (x * 2).flatten(1))
+    torch.testing.assert_close(got["m"], (x * 2 + 1).flatten(1))
+
+
+def test_mask_applies_only_to_matching_shapes() -> None:
+    out = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(represent(out, "mean", mask), torch.stack([out[0, :2].mean(0), out[1, :1].mean(0)]))
+    assert represent(out, "tokens", mask).shape == (3, 2)
+    flat = represent(out, "flatten", mask)
+    assert flat[0, 4:].abs().sum() == 0 and flat[1, 2:].abs().sum() == 0
+    other = torch.tensor([[1, 0], [1, 0]])  # a different sequence length: not applied
+    assert represent(out, "tokens", other).shape == (6, 2)
+
+
+def test_channel_mean_streams_over_batches() -> None:
+    model = _Toy()
+    xs = [torch.randn(5, 4) for _ in range(3)]
+    got = capture(model, xs, ["a"], lambda n: ChannelMean(), progress=False)["a"]
+    with torch.no_grad():
+        expected = torch.cat([model.a(x) for x in xs]).double().mean(0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_store_rows_caps_and_pads() -> None:
+    r = StoreRows("flatten", n_samples=5)
+    r.update(torch.ones(3, 2, 2), None)
+    r.update(torch.ones(4, 3, 2), None)
+    out = r.result()
+    assert out.shape == (5, 6) and r.full
+    assert out[:3, 4:].abs().sum() == 0
+
+
+def test_hooks_removed_and_mode_restored_on_error() -> None:
+    model = _Toy().train()
+    model.drop.eval()  # a mixed-mode model must come back mixed
+
+    class Boom(Exception):
+        pass
+
+    class Exploding:
+        def update(self, output, mask):
+            raise Boom
+
+        def result(self):
+            return None
+
+    with pytest.raises(Boom):
+        capture(model, [torch.randn(2, 4)], ["a"], lambda n: Exploding(), progress=False)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.training and model.a.training and not model.drop.training
+
+
+def test_runs_in_eval_without_grad_and_stops_early() -> None:
+    model = _Toy().train()
+    seen = []
+
+    class Spy:
+        def update(self, output, mask):
+            seen.append((model.training, output.requires_grad))
+
+        def result(self):
+            return None
+
+    with ActivationCapture(model, ["a"], lambda n: Spy()) as cap:
+        n = cap.run([torch.randn(2, 4)] * 5, progress=False, stop_when=lambda: len(seen) >= 2)
+    assert seen == [(False, False), (False, False)] and n == 4
+    assert model.training
