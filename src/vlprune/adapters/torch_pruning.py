@@ -24,7 +24,7 @@ from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.plugins.id_weighted import GroupIDReduce, group_id, id_weight
 from vlprune.plugins.intrinsic_dim import IDProfile
 
-__all__ = ["IDWeightedImportance", "group_layer_names", "check_ratio"]
+__all__ = ["IDWeightedImportance", "group_layer_names", "check_ratio", "hf_pruner_kwargs", "prune_hf_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +131,181 @@ class IDWeightedImportance(tp.importance.Importance):
         if scores is None:
             return None
         return id_weight(scores, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers models
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_transform(output: Any) -> torch.Tensor:
+    """The tensor Torch-Pruning traces back from: logits, else the first tensor of the output."""
+    from vlprune.plugins.capture import first_tensor
+
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise ModelStructureError("the model output holds no tensor Torch-Pruning can trace")
+    return tensor
+
+
+def hf_pruner_kwargs(
+    model: nn.Module,
+    *,
+    prune_heads: bool = True,
+    prune_mlp: bool = True,
+    modalities: tuple[str, ...] | None = None,
+    ignored_layers: list[nn.Module] | tuple[nn.Module, ...] = (),
+) -> dict[str, Any]:
+    """The Torch-Pruning arguments that prune a transformers model's MLP neurons and attention heads.
+
+    Only MLP hidden neurons (groups rooted at fc1 / up_proj / gate_proj / intermediate.dense) and
+    whole attention heads (groups rooted at q/k/v) are pruned; every other ``nn.Linear`` is ignored,
+    so the residual width, embeddings and output heads keep their size. Not pruned, by design:
+    heads of GQA attention (removing query heads would break their key/value groups) and of fused
+    ``qkv`` attention (BLIP vision); their MLPs are.
+
+    Args:
+        model: the transformers model.
+        prune_heads: prune attention heads.
+        prune_mlp: prune MLP hidden neurons.
+        modalities: only prune blocks of these modalities (e.g. ``("language",)``); None for all.
+        ignored_layers: more modules to leave alone.
+
+    Returns:
+        ``ignored_layers``, ``num_heads``, ``prune_num_heads``, ``prune_head_dims``,
+        ``root_module_types`` and ``output_transform`` for ``tp.pruner.BasePruner``.
+    """
+    from vlprune.adapters.hf.families import describe
+
+    info = describe(model)
+    modules = dict(model.named_modules())
+    allowed: set[str] = set()
+    num_heads: dict[nn.Module, int] = {}
+    for mlp in info.mlps:
+        if prune_mlp and (modalities is None or mlp.modality in modalities):
+            allowed.update(x for x in (mlp.up, mlp.gate) if x)
+    for att in info.attentions:
+        usable = prune_heads and not att.fused and att.num_kv_heads == att.num_heads and att.num_heads > 1
+        if usable and (modalities is None or att.modality in modalities):
+            allowed.update((att.q, att.k, att.v))
+            for path in (att.q, att.k, att.v):
+                num_heads[modules[path]] = att.num_heads
+    if not allowed:
+        raise ModelStructureError(
+            f"nothing to prune in {type(model).__name__}: no MLP or attention of modalities {modalities} "
+            f"(modalities present: {sorted(set(info.linear_modality.values()))})"
+        )
+    extra = list(ignored_layers)
+    ignored = [m for n, m in modules.items() if isinstance(m, nn.Linear) and n not in allowed] + extra
+    return {
+        "ignored_layers": ignored,
+        "num_heads": num_heads,
+        "prune_num_heads": bool(num_heads),
+        "prune_head_dims": False,
+        "root_module_types": [nn.Linear],
+        "output_transform": _output_transform,
+    }
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """What tp pruning changes, by reference: module attributes, parameter and buffer dicts.
+
+    Torch-Pruning replaces parameters by new ones instead of editing them, so keeping the old
+    objects is enough to undo a prune (parameter identity is preserved too)."""
+    import copy
+
+    snap = []
+    for module in model.modules():
+        attrs = {k: v for k, v in module.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")}
+        if hasattr(module, "config") and hasattr(module.config, "to_dict"):
+            attrs["__config_state__"] = copy.deepcopy(module.config.__dict__)
+        snap.append((module, attrs, dict(module._parameters), dict(module._buffers)))
+    return snap
+
+
+def _restore(snap: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]) -> None:
+    for module, attrs, params, buffers in snap:
+        config_state = attrs.pop("__config_state__", None)
+        for key in [k for k in module.__dict__ if k not in ("_modules", "_parameters", "_buffers")]:
+            if key not in attrs:
+                del module.__dict__[key]
+        module.__dict__.update(attrs)
+        module._parameters.clear()
+        module._parameters.update(params)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+        if config_state is not None:
+            module.config.__dict__.clear()
+            module.config.__dict__.update(config_state)
+            attrs["__config_state__"] = config_state
+
+
+def prune_hf_model(
+    model: nn.Module,
+    example_inputs: Any,
+    importance: tp.importance.Importance,
+    pruning_ratio: float,
+    *,
+    head_pruning_ratio: float | None = None,
+    global_pruning: bool = True,
+    prune_heads: bool = True,
+    prune_mlp: bool = True,
+    modalities: tuple[str, ...] | None = None,
+    pruning_ratio_dict: dict[nn.Module, float] | None = None,
+    ignored_layers: list[nn.Module] | tuple[nn.Module, ...] = (),
+) -> dict[str, dict[str, int]]:
+    """Prune a transformers model's MLP neurons and attention heads with Torch-Pruning, in one call.
+
+    Builds ``tp.pruner.BasePruner`` with :func:`hf_pruner_kwargs`, runs one ``step()``, then
+    :func:`vlprune.adapters.hf.surgery.sync_hf_model`. If anything fails, the model's modules,
+    parameters (the same objects) and config are restored before the error propagates.
+
+    Args:
+        model: the transformers model (pruned in place).
+        example_inputs: a dict of tensors for tracing (``model(**example_inputs)``).
+        importance: any tp importance (e.g. ``IDWeightedImportance``). Gradient-based ones need
+            ``loss.backward()`` before this call.
+        pruning_ratio: fraction of MLP neurons removed, in [0, 1).
+        head_pruning_ratio: fraction of heads removed (default: ``pruning_ratio``).
+        global_pruning: rank all groups together (right for heads; Torch-Pruning's local mode
+            over-removes heads when iterated).
+        prune_heads / prune_mlp / modalities / ignored_layers: see :func:`hf_pruner_kwargs`.
+        pruning_ratio_dict: per-module ratios (tp's ``pruning_ratio_dict``).
+
+    Returns:
+        What :func:`sync_hf_model` changed.
+
+    Raises:
+        VLPruneError: a ratio outside [0, 1), nothing to prune, or a failure inside pruning.
+    """
+    from vlprune.adapters.hf.surgery import sync_hf_model
+
+    check_ratio(pruning_ratio)
+    head_ratio = check_ratio(pruning_ratio if head_pruning_ratio is None else head_pruning_ratio, "head pruning ratio")
+    for module, ratio in (pruning_ratio_dict or {}).items():
+        check_ratio(ratio, f"pruning ratio of {type(module).__name__}")
+    kwargs = hf_pruner_kwargs(
+        model, prune_heads=prune_heads, prune_mlp=prune_mlp, modalities=modalities, ignored_layers=ignored_layers
+    )
+    if not isinstance(example_inputs, dict):
+        raise VLPruneError("example_inputs must be a dict of tensors, as passed to model(**example_inputs)")
+    snap = _snapshot(model)
+    try:
+        pruner = tp.pruner.BasePruner(
+            model,
+            example_inputs,
+            importance=importance,
+            pruning_ratio=pruning_ratio,
+            head_pruning_ratio=head_ratio,
+            global_pruning=global_pruning,
+            pruning_ratio_dict=dict(pruning_ratio_dict) if pruning_ratio_dict else None,
+            **kwargs,
+        )
+        pruner.step()
+        return sync_hf_model(model, pruned="heads")
+    except BaseException:
+        _restore(snap)
+        raise
