@@ -153,7 +153,7 @@ def nearest_neighbour_distances(
     m = min(max(k, _CANDIDATES), n - 1)
     if chunk_size is None:
         chunk_size = max(1, min(n, budget // n))
-    refine_rows = max(1, budget // (m * max(dim, 1)))
+    refine_rows = max(1, (budget // 8) // (m * max(dim, 1)))  # float64 candidate rows, ~8 MB
     out = torch.empty(n, k, dtype=torch.float64, device=x.device)
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
@@ -229,19 +229,29 @@ def twonn(
         raise VLPruneError(f"method must be 'linear' or 'mle', got {method!r}")
     if not 0.0 <= discard_fraction < 1.0:
         raise VLPruneError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
-    x = _as_2d_float(x)
+    value, _ = _twonn_counted(_as_2d_float(x), discard_fraction, method, chunk_size)
+    return value
+
+
+def _twonn_counted(
+    x: torch.Tensor, discard_fraction: float, method: Estimator, chunk_size: int | None = None
+) -> tuple[float, int]:
+    """TwoNN on a validated 2-D tensor; also returns the number of distinct points used."""
     n_in = x.shape[0]
-    x = drop_duplicate_rows(x)
-    if x.shape[0] < n_in:
-        logger.info("twonn: dropped %d duplicate row(s) of %d", n_in - x.shape[0], n_in)
-    if x.shape[0] < 3:
-        raise DataError(
-            f"TwoNN needs at least 3 distinct points, got {x.shape[0]} (of {n_in} rows); "
-            "give more calibration samples"
-        )
+    if n_in < 3:
+        raise DataError(f"TwoNN needs at least 3 distinct points, got {n_in} rows; give more calibration samples")
     r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
+    if bool((r[:, 0] == 0).any()):  # exact duplicates: keep one copy of each and search again
+        x = drop_duplicate_rows(x)
+        logger.info("twonn: dropped %d duplicate row(s) of %d", n_in - x.shape[0], n_in)
+        if x.shape[0] < 3:
+            raise DataError(
+                f"TwoNN needs at least 3 distinct points, got {x.shape[0]} (of {n_in} rows); "
+                "give more calibration samples"
+            )
+        r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
     mu = r[:, 1] / r[:, 0]
-    return _fit(mu, discard_fraction, method)
+    return _fit(mu, discard_fraction, method), int(x.shape[0])
 
 
 def twonn_block_average(
@@ -588,18 +598,18 @@ def estimate_ids(
                 )
             for name in group:
                 rows = reducers.pop(name).result()
-                rows = drop_duplicate_rows(rows)
                 try:
                     if n_blocks:
-                        value = twonn_block_average(rows, n_blocks, discard_fraction, estimator)
+                        rows = drop_duplicate_rows(rows)
+                        value, n_distinct = twonn_block_average(rows, n_blocks, discard_fraction, estimator), rows.shape[0]
                     else:
-                        value = twonn(rows, discard_fraction, estimator)
+                        value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
                 except DataError as exc:
                     raise DataError(f"module {name}: {exc}") from exc
                 layers[name] = LayerID(
                     name=name,
                     id=value,
-                    n_samples=int(rows.shape[0]),
+                    n_samples=int(n_distinct),
                     features=int(rows.shape[1]),
                     modality=modality_of(name) if modality_of else "unknown",
                 )
