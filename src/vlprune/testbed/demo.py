@@ -10,9 +10,12 @@ with random weights: the ID numbers show the mechanics, not a finding.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +26,12 @@ from vlprune.adapters.torch_pruning import IDWeightedImportance, prune_hf_model
 from vlprune.testbed.tiny import example_inputs, tiny_model
 
 logger = logging.getLogger("vlprune.demo")
+
+
+def _count(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """MACs and parameters by Torch-Pruning's counter (its chatter on stdout silenced)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return tp.utils.count_ops_and_params(model, example)
 
 
 def _latency(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20) -> float:
@@ -51,7 +60,7 @@ def run(out: Path, family: str = "llava", ratio: float = 0.4, n_samples: int = 2
     write(f"  plot: {out / 'id.png'}\n\n")
 
     example = example_inputs(family, batch_size=2, seed=seed)
-    base_macs, base_params = tp.utils.count_ops_and_params(model, example)
+    base_macs, base_params = _count(model, example)
     reference = example_inputs(family, batch_size=4, seed=seed + 999)
     before_latency = _latency(model, reference)
 
@@ -64,7 +73,7 @@ def run(out: Path, family: str = "llava", ratio: float = 0.4, n_samples: int = 2
     prune_hf_model(model, example, imp, pruning_ratio=ratio)
     model.zero_grad(set_to_none=True)
 
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    macs, params = _count(model, example)
     after_latency = _latency(model, reference)
     with torch.no_grad():
         logits = model(**reference).logits
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*(Unwrapped parameters|No positional inputs).*")
     run(Path(args.out), args.family, args.ratio, seed=args.seed)
     return 0
 
