@@ -1,24 +1,30 @@
 """Benchmark: vlprune's TwoNN and estimate_ids against scikit-dimension, side by side.
 
 1. ``vlprune.plugins.intrinsic_dim.twonn`` vs ``skdim.id.TwoNN().fit(X).dimension_`` on float32
-   N x D data with a known intrinsic dimension of 10 (a 2-d swiss roll + a 2-d curved torus
-   patch + 6 Gaussian directions, embedded in D dims by a random linear map plus a smooth
-   nonlinear bend, plus small isotropic noise).
+   N x D data with a known intrinsic dimension of 10 (a 2-d swiss roll + a 2-d flat torus +
+   6 Gaussian directions, embedded in D dims by a random linear map plus a smooth nonlinear
+   bend, plus small isotropic noise).
 2. All-layer ``estimate_ids`` on tiny models (CLIP, LLaVA; ``representation="flatten"``) vs the
    naive route: forward hooks store every ``nn.Linear``'s full output for all samples (flattened
-   per sample), then ``skdim.id.TwoNN`` per layer. ``estimate_ids`` is also run with a small
+   per sample), then ``skdim.id.TwoNN`` per layer. ``estimate_ids`` also runs with a small
    ``max_memory_mb`` (bounded-memory mode: layers are profiled in groups, one pass per group).
 
-Method. Every measurement runs in a fresh ``spawn`` subprocess. Time is the median of
-``--repeats`` runs inside that process, after a small warm-up call. Peak memory is the growth of
-``ru_maxrss`` over its value after imports, data / model creation and the warm-up; the data are
-generated once by the parent and loaded from a ``.npy`` file, so the baseline is not inflated by
-generation temporaries (``rss_baseline_gap_mb`` in the JSON checks this; ``vmhwm_peak_mb`` is a
-cross-check through ``/proc/self/clear_refs`` + ``VmHWM`` where the kernel allows it). The two
-routes of a comparison run back to back, so their ratio sees (nearly) the same machine load.
-Timings on a shared 2-core machine are noisy: compare ratios measured in the same run.
+Method (the machine is a shared 2-core box, so absolute timings are noisy):
 
-    .venv/bin/python benchmarks/bench_intrinsic_dim.py            # full grid (~5-8 min on 2 cores)
+* Time: for each comparison one fresh ``spawn`` subprocess warms both routes up, then runs them
+  alternately ``--repeats`` times (A B A B ...), so both see the same load; the table gives the
+  median time of each route and the median of the per-round ratios.
+* Peak memory: each route runs once in its own fresh ``spawn`` subprocess. Peak = the process's
+  ``ru_maxrss`` at the end minus its RSS at the baseline (after imports, data / model creation
+  and a warm-up call). The kernel's high-water mark is reset at the baseline through
+  ``/proc/self/clear_refs`` (without that reset, transient peaks of imports / model building,
+  and the parent's RSS inherited through fork+exec, hide the measured peak); the parent stays
+  free of numpy / torch for the same reason. The JSON also has ``VmHWM`` as a cross-check.
+* ``--threads`` (default 1) caps torch, BLAS and OpenMP threads of both libraries alike. With 2
+  threads on a 2-core machine that other jobs share, OpenMP barriers make timings erratic (10x
+  swings between repeats were seen); 1 thread gives ratios that repeat.
+
+    .venv/bin/python benchmarks/bench_intrinsic_dim.py            # full grid (~5-8 min)
     .venv/bin/python benchmarks/bench_intrinsic_dim.py --quick    # smaller grid (~1-2 min)
 """
 
@@ -36,15 +42,25 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TRUE_ID = 10
 BATCH = 50
+SMALL_BUDGET_MB = 8.0
 
 
 # ------------------------------------------------------------------------------------------
-# memory helpers (run inside the measurement subprocess)
+# helpers that run inside the measurement subprocesses
 # ------------------------------------------------------------------------------------------
+
+
+def _limit_threads(threads: int) -> None:
+    """Cap every thread pool before numpy / torch / sklearn are imported in this process."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _maxrss_mb() -> float:
@@ -61,37 +77,32 @@ def _status_mb(field: str) -> float | None:
     return None
 
 
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class _Peak:
-    """Baseline now; ``stop()`` gives the peak growth by ru_maxrss (and by VmHWM if resettable)."""
+    """Marks the baseline; :meth:`stop` gives the growth of the peak RSS since then."""
 
     def __init__(self) -> None:
-        self.base_maxrss = _maxrss_mb()
-        self.base_rss = _status_mb("VmRSS") or 0.0
-        self.hwm_reset = _reset_hwm()
+        self.maxrss0 = _maxrss_mb()
+        self.rss0 = _status_mb("VmRSS") or 0.0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the RSS high-water mark
+            self.reset = True
+        except OSError:
+            self.reset = False
 
     def stop(self) -> dict[str, Any]:
+        maxrss = _maxrss_mb()
         out: dict[str, Any] = {
-            "peak_mb": _maxrss_mb() - self.base_maxrss,
-            "rss_baseline_mb": self.base_rss,
-            "rss_baseline_gap_mb": self.base_maxrss - self.base_rss,
+            # with the reset, ru_maxrss restarts from the current RSS; without it, fall back to
+            # the growth of ru_maxrss (an underestimate if the baseline had a transient peak)
+            "peak_mb": maxrss - (self.rss0 if self.reset else self.maxrss0),
+            "hwm_reset": self.reset,
+            "rss_baseline_mb": self.rss0,
+            "maxrss_before_baseline_mb": self.maxrss0,
         }
         hwm = _status_mb("VmHWM")
-        if self.hwm_reset and hwm is not None:
-            out["vmhwm_peak_mb"] = hwm - self.base_rss
+        if self.reset and hwm is not None:
+            out["vmhwm_peak_mb"] = hwm - self.rss0
         return out
-
-
-# ------------------------------------------------------------------------------------------
-# data
-# ------------------------------------------------------------------------------------------
 
 
 def make_data(n: int, d: int, seed: int = 0) -> Any:
@@ -102,7 +113,7 @@ def make_data(n: int, d: int, seed: int = 0) -> Any:
     t = rng.uniform(1.5 * np.pi, 4.5 * np.pi, n)  # swiss roll: 2 parameters
     h = rng.uniform(0.0, 10.0, n)
     roll = np.stack([t * np.cos(t), h, t * np.sin(t)], axis=1) / 5.0
-    a = rng.uniform(0.0, 2 * np.pi, (n, 2))  # torus patch: 2 parameters
+    a = rng.uniform(0.0, 2 * np.pi, (n, 2))  # flat torus: 2 parameters
     torus = np.concatenate([np.cos(a), np.sin(a)], axis=1) * 2.0
     gauss = rng.normal(size=(n, 6))  # 6 linear directions
     z = np.concatenate([roll, torus, gauss], axis=1)  # (n, 13) coordinates of a 10-d manifold
@@ -113,51 +124,104 @@ def make_data(n: int, d: int, seed: int = 0) -> Any:
     return x.astype(np.float32)
 
 
+def _quiet() -> None:
+    import logging
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
 # ------------------------------------------------------------------------------------------
-# measurement jobs (subprocesses)
+# jobs (each runs in a fresh spawn subprocess and puts one dict on the queue)
 # ------------------------------------------------------------------------------------------
 
 
-def _twonn_job(which: str, path: str, repeats: int, queue: Any) -> None:
-    import numpy as np
+def _environment_job(queue: Any) -> None:
+    import numpy
+    import skdim
+    import sklearn
     import torch
 
-    torch.set_num_threads(2)
-    x = np.load(path)
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
+    queue.put(
+        {
+            "cpu": cpu,
+            "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.is_available(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "sklearn": sklearn.__version__,
+            "skdim": getattr(skdim, "__version__", "?"),
+        }
+    )
+
+
+def _data_job(n: int, d: int, path: str, queue: Any) -> None:
+    import numpy as np
+
+    np.save(path, make_data(n, d))
+    queue.put({})
+
+
+def _twonn_runner(which: str, x: Any) -> Callable[..., float]:
     if which == "vlprune":
+        import torch
+
         from vlprune.plugins.intrinsic_dim import twonn
 
         xt = torch.from_numpy(x)
+        return lambda method="linear", n=None: twonn(xt if n is None else xt[:n], method=method)
+    import skdim
 
-        def run(method: str = "linear", data: Any = xt) -> float:
-            return twonn(data, method=method)
+    return lambda method="linear", n=None: skdim.id.TwoNN(method=method).fit(x if n is None else x[:n]).dimension_
 
-    else:
-        import skdim
 
-        def run(method: str = "linear", data: Any = x) -> float:
-            return skdim.id.TwoNN(method=method).fit(data).dimension_
+def _twonn_time_job(path: str, repeats: int, threads: int, queue: Any) -> None:
+    _limit_threads(threads)
+    _quiet()
+    import numpy as np
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(data=(xt if which == "vlprune" else x)[:64])  # warm-up: lazy init of BLAS / thread pools
-        peak = _Peak()
-        times, value = [], float("nan")
-        for _ in range(repeats):
+    x = np.load(path)
+    runs = {w: _twonn_runner(w, x) for w in ("skdim", "vlprune")}
+    for run in runs.values():
+        run(n=64)  # warm-up: lazy init of BLAS / thread pools
+    times: dict[str, list[float]] = {w: [] for w in runs}
+    for _ in range(repeats):
+        for w, run in runs.items():
             start = time.perf_counter()
-            value = float(run())
-            times.append(time.perf_counter() - start)
-        mem = peak.stop()
-        value_mle = float(run("mle"))  # correctness only, after the memory reading
-    queue.put({"time": statistics.median(times), "times": times, **mem, "id": value, "id_mle": value_mle})
+            run()
+            times[w].append(time.perf_counter() - start)
+    ids = {w: {m: float(run(m)) for m in ("linear", "mle")} for w, run in runs.items()}
+    queue.put({"times": times, "ids": ids})
 
 
-def _model_batches(family: str, n_samples: int) -> tuple[Any, list[dict[str, Any]]]:
+def _twonn_mem_job(which: str, path: str, threads: int, queue: Any) -> None:
+    _limit_threads(threads)
+    _quiet()
+    import numpy as np
+
+    x = np.load(path)
+    run = _twonn_runner(which, x)
+    run(n=64)
+    peak = _Peak()
+    run()
+    queue.put(peak.stop())
+
+
+def _model_batches(family: str, n_samples: int) -> tuple[Any, list[dict[str, Any]], list[str]]:
+    from torch import nn
+
     from vlprune.testbed.tiny import example_inputs, tiny_model
 
-    model = tiny_model(family)
+    model = tiny_model(family).eval()
     n_batches = -(-n_samples // BATCH)
-    return model, [example_inputs(family, batch_size=BATCH, seed=1000 + i) for i in range(n_batches)]
+    batches = [example_inputs(family, batch_size=BATCH, seed=1000 + i) for i in range(n_batches)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return model, batches, names
 
 
 def _naive_profile(model: Any, batches: list[dict[str, Any]], names: list[str]) -> dict[str, float]:
@@ -182,61 +246,67 @@ def _naive_profile(model: Any, batches: list[dict[str, Any]], names: list[str]) 
     ids = {}
     for n in names:
         x = torch.cat(store.pop(n)).numpy()
-        # skdim drops *every* copy of a duplicated point, vlprune keeps one copy: give skdim
-        # distinct rows so both estimate on the same point set (np.unique is timed; it is cheap here)
+        # skdim drops *every* copy of a duplicated point, vlprune keeps one copy (some layers of
+        # the tiny CLIP have duplicate rows): give skdim the distinct rows so both estimate the
+        # same point set; np.unique is part of the timed route (it is cheap at this size)
         x = np.unique(x, axis=0)
         ids[n] = float(skdim.id.TwoNN().fit(x).dimension_)
     return ids
 
 
-def _profile_job(which: str, family: str, n_samples: int, budget_mb: float, repeats: int, queue: Any) -> None:
-    import logging
+def _profile_runner(route: str, model: Any, batches: list[dict[str, Any]], names: list[str], n_samples: int) -> Callable[[], dict[str, float]]:
+    if route == "naive":
+        return lambda: _naive_profile(model, batches, names)
+    from vlprune.plugins.intrinsic_dim import estimate_ids
 
+    budget = 2048.0 if route == "default" else SMALL_BUDGET_MB
+    return lambda: estimate_ids(model, batches, names, n_samples=n_samples, max_memory_mb=budget, progress=False).ids()
+
+
+ROUTES = ("naive", "default", "small")
+
+
+def _count_forwards(model: Any) -> list[int]:
+    counter = [0]
+    model.register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return counter
+
+
+def _profile_time_job(family: str, n_samples: int, repeats: int, threads: int, queue: Any) -> None:
+    _limit_threads(threads)
+    _quiet()
     import torch
-    from torch import nn
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.set_num_threads(2)
-    model, batches = _model_batches(family, n_samples)
-    model.eval()
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    forwards = [0]
-    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-
-    if which == "vlprune":
-        from vlprune.plugins.intrinsic_dim import estimate_ids
-
-        def run() -> dict[str, float]:
-            profile = estimate_ids(model, batches, names, n_samples=n_samples, max_memory_mb=budget_mb, progress=False)
-            return profile.ids()
-
-    else:
-
-        def run() -> dict[str, float]:
-            return _naive_profile(model, batches, names)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            model(**batches[0])  # warm-up
-        peak = _Peak()
-        times, ids = [], {}
-        for _ in range(repeats):
+    model, batches, names = _model_batches(family, n_samples)
+    forwards = _count_forwards(model)
+    runs = {r: _profile_runner(r, model, batches, names, n_samples) for r in ROUTES}
+    with torch.no_grad():
+        model(**batches[0])  # warm-up
+    times: dict[str, list[float]] = {r: [] for r in ROUTES}
+    calls: dict[str, int] = {}
+    ids: dict[str, dict[str, float]] = {}
+    for _ in range(repeats):
+        for r, run in runs.items():
             forwards[0] = 0
             start = time.perf_counter()
-            ids = run()
-            times.append(time.perf_counter() - start)
-        mem = peak.stop()
-    queue.put(
-        {
-            "time": statistics.median(times),
-            "times": times,
-            **mem,
-            "ids": ids,
-            "layers": len(names),
-            "forward_calls": forwards[0],
-        }
-    )
+            ids[r] = run()
+            times[r].append(time.perf_counter() - start)
+            calls[r] = forwards[0]
+    queue.put({"times": times, "forward_calls": calls, "ids": ids, "layers": len(names)})
+
+
+def _profile_mem_job(route: str, family: str, n_samples: int, threads: int, queue: Any) -> None:
+    _limit_threads(threads)
+    _quiet()
+    import torch
+
+    model, batches, names = _model_batches(family, n_samples)
+    run = _profile_runner(route, model, batches, names, n_samples)
+    with torch.no_grad():
+        model(**batches[0])  # warm-up
+    peak = _Peak()
+    run()
+    queue.put(peak.stop())
 
 
 def _run(target: Any, *args: Any) -> dict[str, Any]:
@@ -245,57 +315,42 @@ def _run(target: Any, *args: Any) -> dict[str, Any]:
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     try:
-        result = queue.get(timeout=600)
+        result = queue.get(timeout=900)
     finally:
         proc.join(timeout=60)
     if proc.exitcode not in (0, None):
-        raise RuntimeError(f"measurement subprocess failed with exit code {proc.exitcode}")
+        raise RuntimeError(f"measurement subprocess {target.__name__}{args} failed with exit code {proc.exitcode}")
     return result
 
 
 # ------------------------------------------------------------------------------------------
-# main
+# main (keeps the parent light: no numpy / torch here)
 # ------------------------------------------------------------------------------------------
 
 
-def _environment() -> dict[str, Any]:
-    import numpy
-    import sklearn
-    import skdim
-    import torch
+def _median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
 
-    cpu = ""
+
+def _mem_ratio(a: float, b: float) -> float:
+    return a / max(b, 1.0)  # 1 MB floor: below that the reading is page-granular noise
+
+
+def _loadavg() -> list[float]:
     try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu or platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.is_available(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "sklearn": sklearn.__version__,
-        "skdim": getattr(skdim, "__version__", "?"),
-    }
-
-
-def _ratio(a: float, b: float, floor: float = 0.0) -> float:
-    return a / max(b, floor) if max(b, floor) > 0 else float("inf")
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller grid (~1-2 min)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
-    parser.add_argument("--small-budget-mb", type=float, default=8.0, help="max_memory_mb of the bounded run")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5, quick 3)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for torch / BLAS / OpenMP in both libraries")
     parser.add_argument("--out", default="docs/benchmarks_intrinsic_dim.json", help="raw numbers (JSON)")
     args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
     ns = (1000, 2000) if args.quick else (1000, 2000, 5000)
     ds = (768,) if args.quick else (768, 3072)
     n_samples = 500 if args.quick else 1000
@@ -303,15 +358,21 @@ def main(argv: list[str] | None = None) -> int:
     w = sys.stdout.write
     began = time.perf_counter()
     out: dict[str, Any] = {
-        "command": " ".join([".venv/bin/python", "benchmarks/bench_intrinsic_dim.py", *(argv if argv is not None else sys.argv[1:])]),
-        "environment": _environment(),
-        "repeats": args.repeats,
+        "command": " ".join([".venv/bin/python benchmarks/bench_intrinsic_dim.py", *(sys.argv[1:] if argv is None else argv)]),
+        "environment": _run(_environment_job),
+        "threads": args.threads,
+        "repeats": repeats,
         "true_id": TRUE_ID,
+        "loadavg_start": _loadavg(),
         "twonn": [],
         "profile": [],
     }
-
-    w(f"### twonn vs skdim.id.TwoNN (float32, 10-d curved manifold in D dims, median of {args.repeats})\n\n")
+    env = out["environment"]
+    w(
+        f"machine: {env['cpu']}, {env['cpu_count']} CPU cores, CUDA {env['cuda']}; torch {env['torch']}, "
+        f"sklearn {env['sklearn']}, skdim {env['skdim']}; {args.threads} thread(s); load avg {out['loadavg_start']}\n\n"
+    )
+    w(f"### twonn vs skdim.id.TwoNN (float32, ID-10 curved manifold in D dims, {repeats} alternating rounds)\n\n")
     w(
         "| N | D | skdim s | vlprune s | time skdim/vlprune | skdim peak MB | vlprune peak MB | "
         "mem skdim/vlprune | ID skdim | ID vlprune | rel. diff | rel. diff (mle) |\n"
@@ -319,84 +380,92 @@ def main(argv: list[str] | None = None) -> int:
     w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="bench_id_") as tmp:
-        import numpy as np
-
         for n in ns:
             for d in ds:
                 path = str(Path(tmp) / f"x_{n}_{d}.npy")
-                np.save(path, make_data(n, d))
-                ref = _run(_twonn_job, "skdim", path, args.repeats)
-                ours = _run(_twonn_job, "vlprune", path, args.repeats)
+                _run(_data_job, n, d, path)
+                timing = _run(_twonn_time_job, path, repeats, args.threads)
+                mem = {wh: _run(_twonn_mem_job, wh, path, args.threads) for wh in ("skdim", "vlprune")}
                 os.remove(path)
-                rel = abs(ours["id"] - ref["id"]) / abs(ref["id"])
-                rel_mle = abs(ours["id_mle"] - ref["id_mle"]) / abs(ref["id_mle"])
-                out["twonn"].append(
-                    {"N": n, "D": d, "skdim": ref, "vlprune": ours, "rel_diff": rel, "rel_diff_mle": rel_mle}
-                )
+                t, ids = timing["times"], timing["ids"]
+                rel = {
+                    m: abs(ids["vlprune"][m] - ids["skdim"][m]) / abs(ids["skdim"][m]) for m in ("linear", "mle")
+                }
+                row = {
+                    "N": n,
+                    "D": d,
+                    "time_s": {k: statistics.median(v) for k, v in t.items()},
+                    "times_s": t,
+                    "time_ratio_skdim_over_vlprune": _median_ratio(t["skdim"], t["vlprune"]),
+                    "memory": mem,
+                    "memory_ratio_skdim_over_vlprune": _mem_ratio(mem["skdim"]["peak_mb"], mem["vlprune"]["peak_mb"]),
+                    "ids": ids,
+                    "rel_diff": rel,
+                }
+                out["twonn"].append(row)
                 w(
-                    f"| {n} | {d} | {ref['time']:.3f} | {ours['time']:.3f} | {_ratio(ref['time'], ours['time']):.2f} | "
-                    f"{ref['peak_mb']:.0f} | {ours['peak_mb']:.0f} | {_ratio(ref['peak_mb'], ours['peak_mb'], 1.0):.2f} | "
-                    f"{ref['id']:.3f} | {ours['id']:.3f} | {rel:.1e} | {rel_mle:.1e} |\n"
+                    f"| {n} | {d} | {row['time_s']['skdim']:.3f} | {row['time_s']['vlprune']:.3f} | "
+                    f"{row['time_ratio_skdim_over_vlprune']:.2f} | {mem['skdim']['peak_mb']:.0f} | "
+                    f"{mem['vlprune']['peak_mb']:.0f} | {row['memory_ratio_skdim_over_vlprune']:.2f} | "
+                    f"{ids['skdim']['linear']:.3f} | {ids['vlprune']['linear']:.3f} | {rel['linear']:.1e} | {rel['mle']:.1e} |\n"
                 )
                 sys.stdout.flush()
 
-    budgets = (("estimate_ids (default 2048 MB budget)", 2048.0), (f"estimate_ids ({args.small_budget_mb:g} MB budget)", args.small_budget_mb))
+    labels = {
+        "default": "estimate_ids, default budget (2048 MB)",
+        "small": f"estimate_ids, {SMALL_BUDGET_MB:g} MB budget",
+        "naive": "naive: hooks keep all outputs + skdim per layer",
+    }
     w(
         f"\n### all-layer ID profile, tiny models, {n_samples} samples (batches of {BATCH}), "
-        f"flatten representation, median of {args.repeats}\n\n"
+        f"flatten representation, {repeats} alternating rounds\n\n"
     )
     w(
         "| model | Linear layers | route | forward calls | time s | peak MB | time naive/route | "
-        "mem naive/route | max rel. diff of layer IDs |\n"
+        "mem naive/route | max rel. diff of layer IDs vs naive |\n"
     )
     w("|---|---|---|---|---|---|---|---|---|\n")
     sys.stdout.flush()
     for family in families:
-        naive = _run(_profile_job, "naive", family, n_samples, 0.0, args.repeats)
-        rows = []
-        for label, budget in budgets:
-            ours = _run(_profile_job, "vlprune", family, n_samples, budget, args.repeats)
-            diffs = {k: abs(ours["ids"][k] - v) / abs(v) for k, v in naive["ids"].items()}
+        timing = _run(_profile_time_job, family, n_samples, repeats, args.threads)
+        mem = {r: _run(_profile_mem_job, r, family, n_samples, args.threads) for r in ROUTES}
+        t, ids = timing["times"], timing["ids"]
+        for r in ROUTES:
+            diffs = {k: abs(ids[r][k] - v) / abs(v) for k, v in ids["naive"].items()}
             worst = max(diffs, key=diffs.__getitem__)
-            rows.append((label, budget, ours, diffs[worst], worst))
-        for label, budget, ours, diff, worst in rows:
-            out["profile"].append(
-                {
-                    "model": family,
-                    "route": label,
-                    "budget_mb": budget,
-                    "naive": naive,
-                    "vlprune": ours,
-                    "max_rel_diff": diff,
-                    "worst_layer": worst,
-                }
-            )
+            row = {
+                "model": family,
+                "route": r,
+                "label": labels[r],
+                "layers": timing["layers"],
+                "forward_calls": timing["forward_calls"][r],
+                "time_s": statistics.median(t[r]),
+                "times_s": t[r],
+                "time_ratio_naive_over_route": _median_ratio(t["naive"], t[r]),
+                "memory": mem[r],
+                "memory_ratio_naive_over_route": _mem_ratio(mem["naive"]["peak_mb"], mem[r]["peak_mb"]),
+                "max_rel_diff_vs_naive": diffs[worst],
+                "worst_layer": worst,
+                "layer_ids": ids[r],
+            }
+            out["profile"].append(row)
             w(
-                f"| {family} | {ours['layers']} | {label} | {ours['forward_calls']} | {ours['time']:.2f} | "
-                f"{ours['peak_mb']:.0f} | {_ratio(naive['time'], ours['time']):.2f} | "
-                f"{_ratio(naive['peak_mb'], ours['peak_mb'], 1.0):.2f} | {diff:.1e} |\n"
+                f"| {family} | {row['layers']} | {row['label']} | {row['forward_calls']} | {row['time_s']:.2f} | "
+                f"{mem[r]['peak_mb']:.0f} | {row['time_ratio_naive_over_route']:.2f} | "
+                f"{row['memory_ratio_naive_over_route']:.2f} | "
+                f"{'-' if r == 'naive' else format(diffs[worst], '.1e')} |\n"
             )
-        w(
-            f"| {family} | {naive['layers']} | naive: hooks store all outputs + skdim per layer | "
-            f"{naive['forward_calls']} | {naive['time']:.2f} | {naive['peak_mb']:.0f} | 1.00 | 1.00 | - |\n"
-        )
         sys.stdout.flush()
 
-    # the per-layer IDs of the naive route are kept once per model; the routes' own are dropped
-    for row in out["profile"]:
-        row["layer_ids_skdim"] = row["naive"].get("ids")
-        row["vlprune"].pop("ids", None)
-    for row in out["profile"]:
-        row["naive"].pop("ids", None)
+    out["loadavg_end"] = _loadavg()
     out["wall_s"] = time.perf_counter() - began
-    gaps = [
-        (r["N"], r["D"], k, r[k]["rss_baseline_gap_mb"]) for r in out["twonn"] for k in ("skdim", "vlprune") if r[k]["rss_baseline_gap_mb"] > 20
-    ]
-    if gaps:
-        w(f"\nwarning: baseline peak RSS above current RSS by > 20 MB (peak growth understated): {gaps}\n")
+    bad = [(r["N"], r["D"], r["rel_diff"]) for r in out["twonn"] if max(r["rel_diff"].values()) > 1e-3]
+    bad += [(r["model"], r["route"], r["max_rel_diff_vs_naive"]) for r in out["profile"] if r["max_rel_diff_vs_naive"] > 1e-3]
+    if bad:
+        w(f"\nWARNING: estimates differ from scikit-dimension by more than 1e-3 relative: {bad}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    w(f"\nraw numbers: {args.out}; wall time {out['wall_s']:.0f} s\n")
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    w(f"\nraw numbers: {args.out}; load avg at the end {out['loadavg_end']}; wall time {out['wall_s']:.0f} s\n")
     return 0
 
 

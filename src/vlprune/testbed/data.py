@@ -195,7 +195,8 @@ def vqa(scene: Scene, domain: Domain, rng: random.Random) -> tuple[str, str]:
     raise DataError(f"domain must be 'math' or 'general', got {domain!r}")
 
 
-SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[EOS]", "[UNK]", "<image>", "[SEP]")
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[BOS]", "[UNK]", "[EOS]", "<image>", "[SEP]")
+# [EOS] must not have id 2: CLIP's text model then pools at argmax(input_ids) (a legacy rule)
 
 
 def vocabulary() -> list[str]:

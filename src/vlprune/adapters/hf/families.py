@@ -1,24 +1,48 @@
 """Model-family knowledge for transformers models: which modules are vision, language, fusion;
 attention modules with their head counts; MLP (up, down) pairs; output heads; decoder layers.
 
-Structure is found generically from the model itself (attention = a module with q/k/v linears;
-MLP = fc1/fc2, gate/up/down or BERT-style intermediate/output pairs; blocks = the children of a
-``ModuleList`` that contain an attention), so it stays right after a model was pruned. A
-:class:`FamilyRule` adds what cannot be read off the modules: each path's modality, which linears
-are output heads, and where the decoder layers are. Built-in rules cover CLIP, SigLIP, ViT/DeiT,
-DINOv2, BLIP, ViLT and LLaVA-family models (transformers 5.x module paths); anything else gets the
-generic description with modality ``"unknown"`` and a warning.
+Structure is read generically off the model itself, so it stays right after a model was pruned:
 
-Head counts: ``head_dim`` is read from the attention module (``head_dim`` or
-``attention_head_size``), else derived as ``hidden_size / num_attention_heads`` of the model config;
-the numbers of query and key/value heads are then ``q.out_features // head_dim`` and
-``k.out_features // head_dim``, i.e. they follow the actual weight shapes, not stale attributes.
+- attention: a module whose child ``nn.Linear`` s are ``q_proj/k_proj/v_proj`` (output
+  ``o_proj``/``out_proj``/``dense``/``proj``), BERT-style ``query/key/value`` (output: the sibling
+  ``output.dense``), or one fused ``qkv`` (output ``projection``/``proj``/``out_proj``/``o_proj``);
+- MLP: ``fc1/fc2``, ``up_proj/down_proj`` (+ ``gate_proj``), or a layer with
+  ``intermediate.dense`` / ``output.dense``;
+- blocks: the elements of an ``nn.ModuleList`` that contain an attention (innermost such lists, so a
+  list of stages holding lists of blocks gives the blocks), in registration order.
+
+A :class:`FamilyRule` adds what cannot be read off the modules: each path's modality, which linears
+are output heads, and where the decoder layers are. Built-in rules (:data:`BUILTIN_RULES`) cover
+CLIP, SigLIP (two-tower and single-tower models), ViT/DeiT, DINOv2, BLIP, ViLT and LLaVA-like models
+(transformers 5.x paths, e.g. ``model.vision_tower.encoder.layers.N``,
+``model.multi_modal_projector``, ``model.language_model.layers.N``, ``lm_head``). Anything else gets
+the generic description with modality ``"unknown"``, a ``UserWarning`` and a log line.
+
+Modality rule: a rule's ``modalities`` are ``(glob pattern, modality)`` pairs matched with
+:func:`fnmatch.fnmatchcase` against the full module path; the first match wins (built-in rules list
+the more specific patterns first, e.g. BLIP's ``crossattention`` before ``text_decoder*``);
+no match gives ``"unknown"``.
+
+Head-count rule (right for pruned models): let ``q_out`` / ``k_out`` be the query / key linears'
+``out_features`` (a fused ``qkv`` gives ``q_out = k_out = out_features / 3``).
+
+1. ``head_dim`` is taken from the module (``head_dim`` or ``attention_head_size``), else from its
+   config or the model config (``head_dim``, else ``hidden_size // num_attention_heads``). If it
+   divides ``q_out`` and ``k_out``: ``num_heads = q_out // head_dim``,
+   ``num_kv_heads = k_out // head_dim`` (whole heads were pruned; stale ``num_heads`` attributes are
+   ignored).
+2. Otherwise the declared head count (module ``num_heads`` / ``num_attention_heads``, else the
+   config's ``num_attention_heads``) is kept and ``head_dim = q_out // num_heads`` (head dims were
+   pruned).
+3. If neither fits, the attention is skipped with a log warning.
 
 Example:
-    >>> from vlprune.adapters.hf.families import describe
-    >>> info = describe(model)                                   # doctest: +SKIP
-    >>> info.modality_of("vision_model.encoder.layers.0.mlp.fc1")  # doctest: +SKIP
-    'vision'
+    >>> from vlprune.testbed.tiny import tiny_model
+    >>> info = describe(tiny_model("llava"))
+    >>> info.family, info.modality_of("model.multi_modal_projector.linear_1")
+    ('llava', 'fusion')
+    >>> [(a.num_heads, a.num_kv_heads) for a in info.attentions if a.modality == "language"][0]
+    (4, 2)
 """
 
 from __future__ import annotations
@@ -26,7 +50,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,7 +81,8 @@ class AttentionInfo:
     """One attention module.
 
     Attributes:
-        name: path of the module holding the head attributes.
+        name: path of the module holding the q/k/v linears (for BERT-style attention the ``.self``
+            / ``.attention`` submodule).
         q, k, v: paths of the query / key / value linears (all three equal for a fused ``qkv``).
         o: path of the output projection.
         num_heads: query heads.
@@ -105,14 +130,21 @@ class MLPInfo:
 
 @dataclass(frozen=True)
 class FamilyRule:
-    """What a family adds to the generic structure.
+    """What a family adds to the generic structure; register more by passing ``rules=`` to
+    :func:`describe` (e.g. ``(*BUILTIN_RULES, my_rule)``), later through a pluggy hook.
 
     Attributes:
-        name: family name.
+        name: family name (several rules may share one, e.g. CLIP and its single-tower models).
         model_types: ``config.model_type`` values it applies to.
-        modalities: (glob pattern on module path, modality) pairs; the first match wins.
-        heads: glob patterns of output heads / projections (not pruned, not profiled by default).
+        modalities: (glob pattern on the full module path, modality) pairs; the first match wins.
+        heads: glob patterns of output heads / projections (usually neither pruned nor profiled).
         decoder: glob pattern of the language-model decoder layers (for layer removal), or "".
+        match: optional extra test on the model (class, structure) for models whose
+            ``model_type`` is not listed.
+
+    Example:
+        >>> rule = FamilyRule("mine", ("my_model",), (("enc*", "vision"), ("*", "language")),
+        ...                   heads=("lm_head",), decoder="dec.layers.*")
     """
 
     name: str
@@ -120,39 +152,67 @@ class FamilyRule:
     modalities: tuple[tuple[str, Modality], ...]
     heads: tuple[str, ...] = ()
     decoder: str = ""
+    match: Callable[[nn.Module], bool] | None = None
 
     def matches(self, model: nn.Module) -> bool:
-        """True if this rule describes ``model``."""
+        """True if this rule describes ``model``.
+
+        Args:
+            model: the model.
+
+        Returns:
+            ``config.model_type`` is one of :attr:`model_types`, or :attr:`match` accepts the model.
+        """
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        return model_type in self.model_types
+        if model_type in self.model_types:
+            return True
+        return bool(self.match is not None and self.match(model))
 
 
-_CLIP_LIKE = (
+def _llava_like(model: nn.Module) -> bool:
+    """A vision tower, a multi-modal projector and a language model (Mistral3, PaliGemma, ...)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_children()}
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        names |= {n for n, _ in inner.named_children()}
+    return {"vision_tower", "multi_modal_projector", "language_model"} <= names
+
+
+_CLIP_LIKE: tuple[tuple[str, Modality], ...] = (
     ("vision_model*", "vision"),
     ("visual_projection", "vision"),
     ("text_model*", "language"),
     ("text_projection", "language"),
-    ("vision_tower*", "vision"),
+    ("classifier*", "vision"),  # CLIP/SigLIP ForImageClassification: vision tower only
     ("*", "unknown"),
 )
+_CLIP_HEADS = ("visual_projection", "text_projection", "classifier*")
+# SigLIP's attention-pooling head (vision) and text head
+_SIGLIP_HEADS = ("text_model.head", "vision_model.head.*", "classifier*")
 
 BUILTIN_RULES: tuple[FamilyRule, ...] = (
-    FamilyRule("clip", ("clip", "clip_vision_model", "clip_text_model"), _CLIP_LIKE,
-               heads=("visual_projection", "text_projection")),
-    FamilyRule("siglip", ("siglip", "siglip2", "siglip_vision_model", "siglip_text_model"), _CLIP_LIKE,
-               heads=("text_model.head", "vision_model.head*", "head")),
+    FamilyRule("clip", ("clip",), _CLIP_LIKE, heads=_CLIP_HEADS),
+    FamilyRule("clip", ("clip_vision_model",), (("*", "vision"),), heads=_CLIP_HEADS),
+    FamilyRule("clip", ("clip_text_model",), (("*", "language"),), heads=_CLIP_HEADS),
+    FamilyRule("siglip", ("siglip", "siglip2"), _CLIP_LIKE, heads=_SIGLIP_HEADS),
+    FamilyRule("siglip", ("siglip_vision_model", "siglip2_vision_model"), (("*", "vision"),),
+               heads=("head.*", "vision_model.head.*")),
+    FamilyRule("siglip", ("siglip_text_model", "siglip2_text_model"), (("*", "language"),),
+               heads=("head", "text_model.head")),
     FamilyRule("vit", ("vit", "deit", "vit_mae", "vit_msn"), (("*", "vision"),),
-               heads=("classifier", "cls_classifier", "distillation_classifier", "pooler.dense")),
+               heads=("classifier", "cls_classifier", "distillation_classifier", "*pooler.dense", "decoder.decoder_pred")),
     FamilyRule("dinov2", ("dinov2", "dinov2_with_registers"), (("*", "vision"),), heads=("classifier",)),
     FamilyRule(
         "blip",
         ("blip",),
         (
             ("vision_model*", "vision"),
-            ("text_decoder.bert.encoder.layer.*.crossattention*", "fusion"),
-            ("text_encoder.encoder.layer.*.crossattention*", "fusion"),
+            ("vision_proj", "vision"),
+            ("*crossattention*", "fusion"),
+            ("itm_head", "fusion"),
             ("text_decoder*", "language"),
             ("text_encoder*", "language"),
+            ("text_proj", "language"),
             ("*", "unknown"),
         ),
         heads=("text_decoder.cls.*", "vision_proj", "text_proj", "itm_head"),
@@ -162,17 +222,16 @@ BUILTIN_RULES: tuple[FamilyRule, ...] = (
         "vilt",
         ("vilt",),
         (
-            ("embeddings.text_embeddings*", "language"),
-            ("embeddings.patch_embeddings*", "vision"),
-            ("vilt.embeddings.text_embeddings*", "language"),
-            ("vilt.embeddings.patch_embeddings*", "vision"),
-            ("*", "fusion"),
+            ("*embeddings.text_embeddings*", "language"),
+            ("*embeddings.patch_embeddings*", "vision"),
+            ("*", "fusion"),  # single stream: every transformer layer sees both modalities
         ),
-        heads=("pooler.dense", "vilt.pooler.dense", "classifier*"),
+        heads=("pooler.dense", "vilt.pooler.dense", "classifier*", "rank_output", "mlm_score.*"),
     ),
     FamilyRule(
         "llava",
-        ("llava", "llava_next", "llava_onevision", "llava_next_video", "vipllava"),
+        ("llava", "llava_next", "llava_onevision", "llava_next_video", "vipllava", "mistral3",
+         "aya_vision", "paligemma"),
         (
             ("*vision_tower*", "vision"),
             ("*multi_modal_projector*", "fusion"),
@@ -180,12 +239,15 @@ BUILTIN_RULES: tuple[FamilyRule, ...] = (
             ("lm_head", "language"),
             ("*", "unknown"),
         ),
-        heads=("lm_head",),
+        # lm_head; a SigLIP tower's pooling head, whose output LLaVA-like models do not use
+        heads=("lm_head", "*vision_tower.head.*", "*vision_tower.vision_model.head.*"),
         decoder="*language_model.layers.*",
+        match=_llava_like,
     ),
 )
 
-FAMILIES: tuple[str, ...] = tuple(r.name for r in BUILTIN_RULES)
+#: built-in family names, in rule order, without duplicates
+FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(r.name for r in BUILTIN_RULES))
 
 
 @dataclass(frozen=True)
@@ -194,11 +256,12 @@ class FamilyInfo:
 
     Attributes:
         family: the rule's name, or ``"generic"``.
-        blocks: transformer block path -> modality, in forward order.
-        linear_modality: every ``nn.Linear`` path -> modality.
+        blocks: transformer block path -> modality, in registration order (forward order within
+            each stack; LLaVA/BLIP list the vision tower first, as their forward runs it first).
+        linear_modality: every ``nn.Linear`` path -> modality (heads included).
         heads: output heads / projections (usually neither pruned nor profiled).
-        attentions: the attention modules.
-        mlps: the MLPs.
+        attentions: the attention modules (none whose q/k/v are heads).
+        mlps: the MLPs (none whose up or down linear is a head).
         decoder_layers: language-model decoder layer paths (empty if none).
     """
 
@@ -212,11 +275,34 @@ class FamilyInfo:
     _rule: FamilyRule | None = field(default=None, repr=False, compare=False)
 
     def modality_of(self, module_name: str) -> Modality:
-        """The modality of any module path (the rule's first matching pattern)."""
+        """The modality of any module path.
+
+        Args:
+            module_name: a module path such as ``"vision_model.encoder.layers.0.mlp.fc1"``.
+
+        Returns:
+            The modality of the rule's first matching pattern, ``"unknown"`` if none matches or the
+            family is generic.
+
+        Example:
+            >>> info.modality_of("model.language_model.layers.0.mlp.up_proj")  # doctest: +SKIP
+            'language'
+        """
         return _modality(self._rule, module_name)
 
     def modules_of(self, modality: Modality) -> list[str]:
-        """The ``nn.Linear`` paths of ``modality``, output heads excluded."""
+        """The ``nn.Linear`` paths of ``modality``, output heads excluded.
+
+        Args:
+            modality: ``"vision"``, ``"language"``, ``"fusion"`` or ``"unknown"``.
+
+        Returns:
+            Paths in registration order.
+
+        Example:
+            >>> info.modules_of("fusion")  # doctest: +SKIP
+            ['model.multi_modal_projector.linear_1', 'model.multi_modal_projector.linear_2']
+        """
         heads = set(self.heads)
         return [n for n, m in self.linear_modality.items() if m == modality and n not in heads]
 
@@ -230,29 +316,90 @@ def _modality(rule: FamilyRule | None, name: str) -> Modality:
     return "unknown"
 
 
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _get(obj: object, attr: str) -> object:
+    """``getattr`` that also survives configs raising on ambiguous per-layer attributes."""
+    try:
+        return getattr(obj, attr, None)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _config_head_dim(model: nn.Module, module: nn.Module) -> int | None:
-    for cfg in (getattr(module, "config", None), getattr(model, "config", None)):
+    for cfg in (_get(module, "config"), _get(model, "config")):
         if cfg is None:
             continue
-        hd = getattr(cfg, "head_dim", None)
-        if isinstance(hd, int) and hd > 0:
+        hd = _positive_int(_get(cfg, "head_dim"))
+        if hd:
             return hd
-        hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
-        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        hidden = _positive_int(_get(cfg, "hidden_size"))
+        heads = _positive_int(_get(cfg, "num_attention_heads"))
+        if hidden and heads:
             return hidden // heads
     return None
 
 
 def _head_dim(model: nn.Module, module: nn.Module) -> int | None:
+    """``head_dim`` from the module's attributes, else from its config / the model config."""
     for attr in ("head_dim", "attention_head_size"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and value > 0:
+        value = _positive_int(_get(module, attr))
+        if value:
             return value
     return _config_head_dim(model, module)
 
 
-def find_attentions(model: nn.Module, modality_of: Callable[[str], Modality] = lambda n: "unknown") -> list[AttentionInfo]:
-    """Attention modules of ``model`` (q_proj/k_proj/v_proj, query/key/value, or fused qkv)."""
+def _declared_heads(model: nn.Module, module: nn.Module) -> int | None:
+    """Query heads the module (else its config, else the model config) declares."""
+    for attr in ("num_heads", "num_attention_heads"):
+        value = _positive_int(_get(module, attr))
+        if value:
+            return value
+    for cfg in (_get(module, "config"), _get(model, "config")):
+        value = _positive_int(_get(cfg, "num_attention_heads"))
+        if value:
+            return value
+    return None
+
+
+def _head_shape(model: nn.Module, name: str, module: nn.Module, q_out: int, k_out: int) -> tuple[int, int, int] | None:
+    """(num_heads, num_kv_heads, head_dim) from the linear shapes; see the module docstring."""
+    hd = _head_dim(model, module)
+    if hd and q_out % hd == 0 and k_out % hd == 0 and q_out >= hd and k_out >= hd:
+        return q_out // hd, k_out // hd, hd
+    heads = _declared_heads(model, module)
+    if heads and q_out % heads == 0:
+        hd = q_out // heads
+        if k_out % hd == 0:
+            return heads, k_out // hd, hd
+    logger.warning(
+        "attention %s: %d query / %d key channels fit neither head_dim=%s nor num_heads=%s; skipped",
+        name, q_out, k_out, hd, heads,
+    )
+    return None
+
+
+def _unknown(_name: str) -> Modality:
+    return "unknown"
+
+
+def find_attentions(model: nn.Module, modality_of: Callable[[str], Modality] = _unknown) -> list[AttentionInfo]:
+    """Attention modules of ``model`` (q_proj/k_proj/v_proj, query/key/value, or fused qkv).
+
+    Args:
+        model: any ``nn.Module``.
+        modality_of: maps a module path to its modality (default: always ``"unknown"``).
+
+    Returns:
+        One :class:`AttentionInfo` per attention, in registration order; head counts follow the
+        rule in the module docstring.
+
+    Example:
+        >>> [a.num_heads for a in find_attentions(tiny_model("vit"))]  # doctest: +SKIP
+        [4, 4]
+    """
     modules = dict(model.named_modules())
     found: list[AttentionInfo] = []
     for name, module in modules.items():
@@ -266,27 +413,41 @@ def find_attentions(model: nn.Module, modality_of: Callable[[str], Modality] = l
             q, k, v = (prefix + x for x in ("query", "key", "value"))
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             candidate = f"{parent}.output.dense" if parent else "output.dense"
-            o = candidate if isinstance(modules.get(candidate), nn.Linear) else None
+            if isinstance(modules.get(candidate), nn.Linear):
+                o = candidate
+            else:
+                o = next((prefix + x for x in ("dense", "out_proj", "o_proj") if x in children), None)
         elif "qkv" in children:
             q = k = v = prefix + "qkv"
             o = next((prefix + x for x in ("projection", "proj", "out_proj", "o_proj") if x in children), None)
         if q is None or o is None:
             continue
-        hd = _head_dim(model, module)
-        if hd is None:
-            logger.warning("attention %s: no head_dim on the module or config; skipped", name)
-            continue
-        q_out = modules[q].out_features
         if q == k:
-            heads = kv_heads = q_out // (3 * hd)
+            q_out = k_out = modules[q].out_features // 3
         else:
-            heads, kv_heads = q_out // hd, modules[k].out_features // hd
+            q_out, k_out = modules[q].out_features, modules[k].out_features
+        shape = _head_shape(model, name, module, q_out, k_out)
+        if shape is None:
+            continue
+        heads, kv_heads, hd = shape
         found.append(AttentionInfo(name, q, k, v, o, heads, kv_heads, hd, modality_of(name)))
     return found
 
 
-def find_mlps(model: nn.Module, modality_of: Callable[[str], Modality] = lambda n: "unknown") -> list[MLPInfo]:
-    """MLPs of ``model``: fc1/fc2, gate_proj/up_proj/down_proj, or BERT-style intermediate/output."""
+def find_mlps(model: nn.Module, modality_of: Callable[[str], Modality] = _unknown) -> list[MLPInfo]:
+    """MLPs of ``model``: fc1/fc2, gate_proj/up_proj/down_proj, or BERT-style intermediate/output.
+
+    Args:
+        model: any ``nn.Module``.
+        modality_of: maps a module path to its modality (default: always ``"unknown"``).
+
+    Returns:
+        One :class:`MLPInfo` per MLP whose up width equals its down input width, in registration order.
+
+    Example:
+        >>> [m.hidden for m in find_mlps(tiny_model("vit"))]  # doctest: +SKIP
+        [64, 64]
+    """
     modules = dict(model.named_modules())
     found: list[MLPInfo] = []
     for name, module in modules.items():
@@ -304,33 +465,62 @@ def find_mlps(model: nn.Module, modality_of: Callable[[str], Modality] = lambda 
         else:
             continue
         if modules[up].out_features != modules[down].in_features:
+            logger.debug("%s: %s and %s do not chain; not an MLP", name, up, down)
             continue
         found.append(MLPInfo(name, up, down, gate, modules[up].out_features, modality_of(name)))
     return found
 
 
-def describe(model: nn.Module, rules: tuple[FamilyRule, ...] | None = None) -> FamilyInfo:
+def _find_blocks(model: nn.Module, attention_names: Sequence[str]) -> list[str]:
+    """Elements of ``nn.ModuleList`` s that contain an attention; innermost level only."""
+    candidates: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for i in range(len(module)):
+            path = f"{name}.{i}" if name else str(i)
+            if any(a.startswith(path + ".") for a in attention_names):
+                candidates.append(path)
+    return [p for p in candidates if not any(c.startswith(p + ".") for c in candidates)]
+
+
+def describe(model: nn.Module, rules: Sequence[FamilyRule] | None = None) -> FamilyInfo:
     """Describe a transformers model's structure and modalities.
 
     Args:
         model: the model (pruned or not).
-        rules: family rules to try (default :data:`BUILTIN_RULES`); the first that matches wins.
+        rules: family rules to try in order (default :data:`BUILTIN_RULES`); the first that
+            matches wins. With none matching, the generic description is returned (modality
+            ``"unknown"``) with a ``UserWarning`` and a log warning.
 
     Returns:
         A :class:`FamilyInfo`.
 
     Raises:
         ModelStructureError: the model has no ``nn.Linear`` at all.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> info = describe(tiny_model("clip"))
+        >>> info.family, info.heads
+        ('clip', ('visual_projection', 'text_projection'))
+        >>> info.blocks["vision_model.encoder.layers.0"]
+        'vision'
     """
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ModelStructureError(f"{type(model).__name__} has no nn.Linear layer; nothing vlprune can describe")
-    rule = next((r for r in (rules if rules is not None else BUILTIN_RULES) if r.matches(model)), None)
+        raise ModelStructureError(
+            f"{type(model).__name__} has no nn.Linear layer; nothing vlprune can describe "
+            "(pass a transformer model whose projections are nn.Linear)"
+        )
+    candidates = BUILTIN_RULES if rules is None else tuple(rules)
+    rule = next((r for r in candidates if r.matches(model)), None)
     if rule is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         message = (
             f"unknown model family ({type(model).__name__}, model_type={model_type!r}); using the generic "
-            "description: every nn.Linear, modality 'unknown'"
+            "description: every nn.Linear, modality 'unknown'. Pass rules=(*BUILTIN_RULES, FamilyRule(...)) "
+            "to describe it"
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         logger.warning(message)
@@ -338,25 +528,24 @@ def describe(model: nn.Module, rules: tuple[FamilyRule, ...] | None = None) -> F
     def modality_of(name: str) -> Modality:
         return _modality(rule, name)
 
-    attentions = find_attentions(model, modality_of)
-    attention_names = [a.name for a in attentions]
-    blocks: dict[str, Modality] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        for i, _child in enumerate(module):
-            path = f"{name}.{i}"
-            if any(a.startswith(path + ".") for a in attention_names):
-                blocks[path] = modality_of(path)
-    heads = tuple(n for n in linears if rule and any(fnmatch.fnmatchcase(n, p) for p in rule.heads))
-    decoder = tuple(b for b in blocks if rule and rule.decoder and fnmatch.fnmatchcase(b, rule.decoder))
-    return FamilyInfo(
-        family=rule.name if rule else "generic",
+    heads = tuple(n for n in linears if rule is not None and any(fnmatch.fnmatchcase(n, p) for p in rule.heads))
+    head_set = set(heads)
+    attentions = [a for a in find_attentions(model, modality_of) if not {a.q, a.k, a.v} <= head_set]
+    mlps = [m for m in find_mlps(model, modality_of) if m.up not in head_set and m.down not in head_set]
+    blocks = {b: modality_of(b) for b in _find_blocks(model, [a.name for a in attentions])}
+    decoder = tuple(b for b in blocks if rule is not None and rule.decoder and fnmatch.fnmatchcase(b, rule.decoder))
+    info = FamilyInfo(
+        family=rule.name if rule is not None else "generic",
         blocks=blocks,
         linear_modality={n: modality_of(n) for n in linears},
         heads=heads,
         attentions=tuple(attentions),
-        mlps=tuple(find_mlps(model, modality_of)),
+        mlps=tuple(mlps),
         decoder_layers=decoder,
         _rule=rule,
     )
+    logger.debug(
+        "%s: family %s, %d blocks, %d attentions, %d MLPs, heads %s",
+        type(model).__name__, info.family, len(blocks), len(attentions), len(mlps), heads,
+    )
+    return info
