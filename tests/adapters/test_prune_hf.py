@@ -1,0 +1,184 @@
+"""Torch-Pruning scripts on tiny transformers models: prune_hf_model, sync, forward, save/reload, failure safety."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import vlprune
+from tests.conftest import batches_for
+from vlprune import ModelStructureError, VLPruneError
+from vlprune.adapters.hf import surgery
+from vlprune.adapters.hf.families import describe
+from vlprune.adapters.torch_pruning import IDWeightedImportance, hf_pruner_kwargs, prune_hf_model
+from vlprune.testbed.tiny import example_inputs, tiny_model
+
+
+def _main_output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    torch.manual_seed(0)  # ViLT samples image patches even in eval mode
+    with torch.no_grad():
+        out = model(**inputs)
+    for key in ("logits", "logits_per_image", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise AssertionError("no output tensor")
+
+
+def _loss(family: str, model: nn.Module, batch: dict) -> torch.Tensor:
+    if family == "clip":
+        return model(**batch, return_loss=True).loss
+    if family in ("llava", "blip"):
+        return model(**batch, labels=batch["input_ids"]).loss
+    return model(**batch)[0].pow(2).mean()
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["clip", "llava", "vit", "dinov2", "vilt", "blip"])
+def test_torch_pruning_script_with_id_weighted_taylor(family: str, tmp_path) -> None:
+    """The user's tp script: profile, importance, BasePruner, step, sync, save, reload."""
+    model = tiny_model(family)
+    calib = batches_for(family, n_batches=3, batch_size=8)
+    profile = vlprune.estimate_ids(model, calib, n_samples=24, progress=False)
+    model.zero_grad()
+    for batch in calib:
+        _loss(family, model, batch).backward()
+    imp = IDWeightedImportance(tp.importance.GroupTaylorImportance(), profile)
+    example = example_inputs(family, batch_size=2)
+    before = _params(model)
+    pruner = tp.pruner.BasePruner(model, example, importance=imp, pruning_ratio=0.4, global_pruning=True,
+                                  **hf_pruner_kwargs(model))
+    pruner.step()
+    vlprune.sync_hf_model(model)
+    info = describe(model)
+    assert sum(m.hidden for m in info.mlps) < 0.75 * len(info.mlps) * 64  # ~40% of MLP neurons gone
+    assert _params(model) < before
+    probe = example_inputs(family, batch_size=3, seed=7)
+    expected = _main_output(model, probe)
+    assert torch.isfinite(expected).all()
+    vlprune.save_pruned(model, tmp_path / "pruned")
+    again = vlprune.load_pruned(tmp_path / "pruned")
+    assert _params(again) == _params(model)
+    assert torch.equal(_main_output(again, probe), expected)
+
+
+def _kept_rows(pruned: torch.Tensor, original: torch.Tensor) -> list[int]:
+    """Indices of ``original`` rows that survive in ``pruned`` (matched by value)."""
+    return [int(torch.nonzero((original == row).all(dim=1)).flatten()[0]) for row in pruned]
+
+
+@pytest.mark.parametrize("family", ["vit", "clip"])
+def test_pruned_model_equals_masked_original(family: str) -> None:
+    """Independent check of head/neuron bookkeeping and attention scale: removing heads and
+    neurons must equal zeroing their contributions in the unpruned model."""
+    model = tiny_model(family)
+    original = copy.deepcopy(model)
+    example = example_inputs(family, batch_size=2)
+    prune_hf_model(model, example, tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5, head_pruning_ratio=0.5)
+    pruned_mods, orig_mods = dict(model.named_modules()), dict(original.named_modules())
+    info = describe(original)
+    with torch.no_grad():
+        for att in info.attentions:
+            kept = _kept_rows(pruned_mods[att.q].weight, orig_mods[att.q].weight)
+            assert len(kept) == pruned_mods[att.q].out_features < orig_mods[att.q].out_features
+            mask = torch.zeros(orig_mods[att.o].in_features, dtype=torch.bool)
+            mask[kept] = True
+            orig_mods[att.o].weight[:, ~mask] = 0
+        for mlp in info.mlps:
+            kept = _kept_rows(pruned_mods[mlp.up].weight, orig_mods[mlp.up].weight)
+            mask = torch.zeros(orig_mods[mlp.down].in_features, dtype=torch.bool)
+            mask[kept] = True
+            orig_mods[mlp.down].weight[:, ~mask] = 0
+    probe = example_inputs(family, batch_size=3, seed=5)
+    torch.testing.assert_close(_main_output(model, probe), _main_output(original, probe), rtol=1e-4, atol=1e-5)
+    assert all(a.num_heads == 2 for a in describe(model).attentions)
+
+
+def test_llava_gqa_attention_is_left_whole_and_mlps_pruned() -> None:
+    model = tiny_model("llava")
+    prune_hf_model(model, example_inputs("llava"), tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5)
+    info = describe(model)
+    lm = [a for a in info.attentions if a.modality == "language"]
+    assert all((a.num_heads, a.num_kv_heads) == (4, 2) for a in lm)
+    assert sum(m.hidden for m in info.mlps) == 4 * 64 // 2  # global ranking: 50% of all MLP neurons
+    assert all(a.num_heads == 2 for a in info.attentions if a.modality == "vision")
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_failed_prune_leaves_model_and_config_unchanged(monkeypatch) -> None:
+    model = tiny_model("clip")
+    before, config = _state(model), model.config.to_dict()
+    params_before = {n: p for n, p in model.named_parameters()}
+    shapes_before = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def boom(*args, **kwargs):
+        raise ModelStructureError("injected failure after the prune")
+
+    monkeypatch.setattr(surgery, "sync_hf_model", boom)
+    with pytest.raises(ModelStructureError, match="injected"):
+        prune_hf_model(model, example_inputs("clip"), tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)} == shapes_before
+    assert model.config.to_dict() == config
+    assert all(a.num_heads == 4 for a in describe(model).attentions)
+    _main_output(model, example_inputs("clip"))
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_ratio_outside_range_is_rejected_before_anything_changes(ratio: float) -> None:
+    model = tiny_model("vit")
+    before = _state(model)
+    with pytest.raises(VLPruneError, match=r"\[0, 1\)"):
+        prune_hf_model(model, example_inputs("vit"), tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_sync_rejects_shapes_no_head_layout_explains() -> None:
+    model = tiny_model("vit")
+    att = model.vit.layers[0].attention
+    att.q_proj = nn.Linear(32, 12)  # 12 channels: neither whole heads of 8 nor 4 heads of 3 ... of 4 heads: 3 each
+    att.k_proj = nn.Linear(32, 12)
+    att.v_proj = nn.Linear(32, 12)
+    heads_before = att.num_attention_heads
+    with pytest.raises(ModelStructureError):
+        vlprune.sync_hf_model(model, pruned="heads")
+    assert att.num_attention_heads == heads_before
+    assert model.vit.layers[1].attention.num_attention_heads == heads_before
+
+
+def test_load_pruned_errors(tmp_path) -> None:
+    with pytest.raises(VLPruneError, match="save_pruned"):
+        vlprune.load_pruned(tmp_path)
+    model = tiny_model("vit")
+    vlprune.save_pruned(model, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / surgery.SHAPES_FILE).read_text())
+    record["format"] = "something-else"
+    (tmp_path / "m" / surgery.SHAPES_FILE).write_text(json.dumps(record))
+    with pytest.raises(VLPruneError, match="format"):
+        vlprune.load_pruned(tmp_path / "m")
+    record["format"] = "vlprune.shapes/1"
+    record["modules"] = {"no.such.module": {"type": "Linear", "in": 2, "out": 2, "bias": True}}
+    (tmp_path / "m" / surgery.SHAPES_FILE).write_text(json.dumps(record))
+    with pytest.raises(VLPruneError, match="no.such.module"):
+        vlprune.load_pruned(tmp_path / "m")
+    with pytest.raises(VLPruneError, match="PreTrainedModel"):
+        vlprune.save_pruned(nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_nothing_to_prune_is_a_clear_error() -> None:
+    model = tiny_model("vit")
+    with pytest.raises(ModelStructureError, match="nothing to prune"):
+        hf_pruner_kwargs(model, modalities=("language",))
