@@ -605,7 +605,12 @@ def estimate_ids(
                     else:
                         value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
                 except DataError as exc:
-                    raise DataError(f"module {name}: {exc}") from exc
+                    hint = (
+                        " (with representation='cls' a causal text model's first token is the same for "
+                        "every sample; use 'mean' or 'flatten')"
+                        if representation == "cls" else ""
+                    )
+                    raise DataError(f"module {name}: {exc}{hint}") from exc
                 layers[name] = LayerID(
                     name=name,
                     id=value,

@@ -45,9 +45,12 @@ def load_model_dir(path: str | Path) -> nn.Module:
 def load_batches(spec: str, model: nn.Module, batch_size: int, n_batches: int, seed: int) -> list[Any]:
     """Calibration batches from ``spec``: a ``.pt`` file holding a list of batches (dicts of
     tensors, or tensors) or one dict of tensors split into ``batch_size`` chunks; or ``random``:
-    random inputs shaped from the model config (a smoke test, not a meaningful profile)."""
+    random inputs shaped from the model config (a smoke test, not a meaningful profile); or
+    ``testbed``: test-split scenes (and their captions for models with a text tower)."""
     if spec == "random":
         return _random_batches(model, batch_size, n_batches, seed)
+    if spec == "testbed":
+        return _testbed_batches(model, batch_size, n_batches, seed)
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"--data {spec!r}: no such file (give a .pt file of batches, or 'random')")
@@ -60,6 +63,23 @@ def load_batches(spec: str, model: nn.Module, batch_size: int, n_batches: int, s
     if isinstance(data, (list, tuple)):
         return list(data)
     raise DataError(f"{path} holds a {type(data).__name__}; expected a list of batches or a dict of tensors")
+
+
+def _testbed_batches(model: nn.Module, batch_size: int, n_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    from vlprune.testbed.data import build_tokenizer, make_scenes, pixel_values
+
+    scenes = make_scenes("test", batch_size * n_batches, seed=seed)
+    tok = build_tokenizer()
+    wants_text = getattr(getattr(model, "config", None), "text_config", None) is not None
+    out = []
+    for i in range(0, len(scenes), batch_size):
+        chunk = scenes[i : i + batch_size]
+        batch = {"pixel_values": pixel_values(chunk)}
+        if wants_text:
+            enc = tok([s.caption() for s in chunk], padding=True, return_tensors="pt")  # type: ignore[operator]
+            batch.update(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+        out.append(batch)
+    return out
 
 
 def _random_batches(model: nn.Module, batch_size: int, n_batches: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -143,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile-id", help="per-layer intrinsic dimension of a model directory")
     p.add_argument("model_dir", help="save_pretrained / vlprune.save_pruned directory")
-    p.add_argument("--data", required=True, help="a .pt file of calibration batches, or 'random'")
+    p.add_argument("--data", required=True, help="a .pt file of calibration batches, 'testbed' (test-split scenes) or 'random'")
     p.add_argument("--out", default="id_profile", help="output directory (id.json, id.png)")
     p.add_argument("--modules", nargs="*", help="module names or glob patterns (default: all Linear but heads)")
     p.add_argument("--n-samples", type=int, default=2000)
@@ -152,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-blocks", type=int, default=None, help="average over 1..N random blocks (paper: 20)")
     p.add_argument("--max-memory-mb", type=float, default=2048.0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--n-batches", type=int, default=8, help="with --data random")
+    p.add_argument("--n-batches", type=int, default=8, help="with --data random / testbed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_profile_id)
