@@ -11,9 +11,10 @@
 
 Method (the machine is a shared 2-core box, so absolute timings are noisy):
 
-* Time: for each comparison one fresh ``spawn`` subprocess warms both routes up, then runs them
-  alternately ``--repeats`` times (A B A B ...), so both see the same load; the table gives the
-  median time of each route and the median of the per-round ratios.
+* Time: for each comparison one fresh ``spawn`` subprocess runs every route once untimed
+  (warm-up), then runs them alternately ``--repeats`` times (A B A B ...), so all see the same
+  load; the table gives each route's median time and the ratio of the medians (the JSON also has
+  the median of the per-round ratios).
 * Peak memory: each route runs once in its own fresh ``spawn`` subprocess. Peak = the process's
   ``ru_maxrss`` at the end minus its RSS at the baseline (after imports, data / model creation
   and a warm-up call). The kernel's high-water mark is reset at the baseline through
@@ -25,7 +26,7 @@ Method (the machine is a shared 2-core box, so absolute timings are noisy):
   swings between repeats were seen); 1 thread gives ratios that repeat.
 
     .venv/bin/python benchmarks/bench_intrinsic_dim.py            # full grid (~5-8 min)
-    .venv/bin/python benchmarks/bench_intrinsic_dim.py --quick    # smaller grid (~1-2 min)
+    .venv/bin/python benchmarks/bench_intrinsic_dim.py --quick    # smaller grid (~1-2 min), no JSON
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ SMALL_BUDGET_MB = 8.0
 # ------------------------------------------------------------------------------------------
 
 
-def _limit_threads(threads: int) -> None:
+def _limit_threads(threads: int, torch_too: bool = True) -> None:
     """Cap every thread pool before numpy / torch / sklearn are imported in this process."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import torch
+    if torch_too:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
 
 
 def _maxrss_mb() -> float:
@@ -136,7 +138,7 @@ def _quiet() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _environment_job(queue: Any) -> None:
+def _environment() -> dict[str, Any]:
     import numpy
     import skdim
     import sklearn
@@ -146,8 +148,7 @@ def _environment_job(queue: Any) -> None:
         (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")),
         platform.processor(),
     )
-    queue.put(
-        {
+    return {
             "cpu": cpu,
             "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.is_available(),
@@ -156,15 +157,7 @@ def _environment_job(queue: Any) -> None:
             "numpy": numpy.__version__,
             "sklearn": sklearn.__version__,
             "skdim": getattr(skdim, "__version__", "?"),
-        }
-    )
-
-
-def _data_job(n: int, d: int, path: str, queue: Any) -> None:
-    import numpy as np
-
-    np.save(path, make_data(n, d))
-    queue.put({})
+    }
 
 
 def _twonn_runner(which: str, x: Any) -> Callable[..., float]:
@@ -180,15 +173,17 @@ def _twonn_runner(which: str, x: Any) -> Callable[..., float]:
     return lambda method="linear", n=None: skdim.id.TwoNN(method=method).fit(x if n is None else x[:n]).dimension_
 
 
-def _twonn_time_job(path: str, repeats: int, threads: int, queue: Any) -> None:
+def _twonn_time_job(n: int, d: int, path: str, repeats: int, threads: int, queue: Any) -> None:
+    """Makes the data (saved to ``path`` for the memory jobs), then times both routes alternately."""
     _limit_threads(threads)
     _quiet()
     import numpy as np
 
-    x = np.load(path)
+    x = make_data(n, d)
+    np.save(path, x)
     runs = {w: _twonn_runner(w, x) for w in ("skdim", "vlprune")}
     for run in runs.values():
-        run(n=64)  # warm-up: lazy init of BLAS / thread pools
+        run()  # warm-up round (lazy init, first-touch page faults), not timed
     times: dict[str, list[float]] = {w: [] for w in runs}
     for _ in range(repeats):
         for w, run in runs.items():
@@ -196,11 +191,11 @@ def _twonn_time_job(path: str, repeats: int, threads: int, queue: Any) -> None:
             run()
             times[w].append(time.perf_counter() - start)
     ids = {w: {m: float(run(m)) for m in ("linear", "mle")} for w, run in runs.items()}
-    queue.put({"times": times, "ids": ids})
+    queue.put({"times": times, "ids": ids, "environment": _environment()})
 
 
 def _twonn_mem_job(which: str, path: str, threads: int, queue: Any) -> None:
-    _limit_threads(threads)
+    _limit_threads(threads, torch_too=which == "vlprune")
     _quiet()
     import numpy as np
 
@@ -280,8 +275,8 @@ def _profile_time_job(family: str, n_samples: int, repeats: int, threads: int, q
     model, batches, names = _model_batches(family, n_samples)
     forwards = _count_forwards(model)
     runs = {r: _profile_runner(r, model, batches, names, n_samples) for r in ROUTES}
-    with torch.no_grad():
-        model(**batches[0])  # warm-up
+    for run in runs.values():
+        run()  # warm-up round, not timed
     times: dict[str, list[float]] = {r: [] for r in ROUTES}
     calls: dict[str, int] = {}
     ids: dict[str, dict[str, float]] = {}
@@ -345,21 +340,25 @@ def _loadavg() -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller grid (~1-2 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller grid: N 1000/2000, D 768, tiny CLIP only (~1-2 min)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch / BLAS / OpenMP in both libraries")
-    parser.add_argument("--out", default="docs/benchmarks_intrinsic_dim.json", help="raw numbers (JSON)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="raw numbers (JSON); default docs/benchmarks_intrinsic_dim.json for the full grid, none with --quick "
+        "(so a quick run never overwrites the published numbers)",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     ns = (1000, 2000) if args.quick else (1000, 2000, 5000)
     ds = (768,) if args.quick else (768, 3072)
     n_samples = 500 if args.quick else 1000
-    families = ("clip", "llava")
+    families = ("clip",) if args.quick else ("clip", "llava")
     w = sys.stdout.write
     began = time.perf_counter()
     out: dict[str, Any] = {
         "command": " ".join([".venv/bin/python benchmarks/bench_intrinsic_dim.py", *(sys.argv[1:] if argv is None else argv)]),
-        "environment": _run(_environment_job),
         "threads": args.threads,
         "repeats": repeats,
         "true_id": TRUE_ID,
@@ -367,24 +366,24 @@ def main(argv: list[str] | None = None) -> int:
         "twonn": [],
         "profile": [],
     }
-    env = out["environment"]
-    w(
-        f"machine: {env['cpu']}, {env['cpu_count']} CPU cores, CUDA {env['cuda']}; torch {env['torch']}, "
-        f"sklearn {env['sklearn']}, skdim {env['skdim']}; {args.threads} thread(s); load avg {out['loadavg_start']}\n\n"
-    )
-    w(f"### twonn vs skdim.id.TwoNN (float32, ID-10 curved manifold in D dims, {repeats} alternating rounds)\n\n")
-    w(
-        "| N | D | skdim s | vlprune s | time skdim/vlprune | skdim peak MB | vlprune peak MB | "
-        "mem skdim/vlprune | ID skdim | ID vlprune | rel. diff | rel. diff (mle) |\n"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="bench_id_") as tmp:
         for n in ns:
             for d in ds:
                 path = str(Path(tmp) / f"x_{n}_{d}.npy")
-                _run(_data_job, n, d, path)
-                timing = _run(_twonn_time_job, path, repeats, args.threads)
+                timing = _run(_twonn_time_job, n, d, path, repeats, args.threads)
+                if "environment" not in out:
+                    env = out["environment"] = timing["environment"]
+                    w(
+                        f"machine: {env['cpu']}, {env['cpu_count']} CPU cores, CUDA {env['cuda']}; torch {env['torch']}, "
+                        f"sklearn {env['sklearn']}, skdim {env['skdim']}; {args.threads} thread(s); "
+                        f"load avg {out['loadavg_start']}\n\n"
+                    )
+                    w(f"### twonn vs skdim.id.TwoNN (float32, ID-10 curved manifold in D dims, {repeats} alternating rounds)\n\n")
+                    w(
+                        "| N | D | skdim s | vlprune s | time skdim/vlprune | skdim peak MB | vlprune peak MB | "
+                        "mem skdim/vlprune | ID skdim | ID vlprune | rel. diff | rel. diff (mle) |\n"
+                    )
+                    w("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
                 mem = {wh: _run(_twonn_mem_job, wh, path, args.threads) for wh in ("skdim", "vlprune")}
                 os.remove(path)
                 t, ids = timing["times"], timing["ids"]
@@ -396,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                     "D": d,
                     "time_s": {k: statistics.median(v) for k, v in t.items()},
                     "times_s": t,
-                    "time_ratio_skdim_over_vlprune": _median_ratio(t["skdim"], t["vlprune"]),
+                    "time_ratio_skdim_over_vlprune": statistics.median(t["skdim"]) / statistics.median(t["vlprune"]),
+                    "time_ratio_median_of_rounds": _median_ratio(t["skdim"], t["vlprune"]),
                     "memory": mem,
                     "memory_ratio_skdim_over_vlprune": _mem_ratio(mem["skdim"]["peak_mb"], mem["vlprune"]["peak_mb"]),
                     "ids": ids,
@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 "forward_calls": timing["forward_calls"][r],
                 "time_s": statistics.median(t[r]),
                 "times_s": t[r],
-                "time_ratio_naive_over_route": _median_ratio(t["naive"], t[r]),
+                "time_ratio_naive_over_route": statistics.median(t["naive"]) / statistics.median(t[r]),
+                "time_ratio_median_of_rounds": _median_ratio(t["naive"], t[r]),
                 "memory": mem[r],
                 "memory_ratio_naive_over_route": _mem_ratio(mem["naive"]["peak_mb"], mem[r]["peak_mb"]),
                 "max_rel_diff_vs_naive": diffs[worst],
@@ -463,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     bad += [(r["model"], r["route"], r["max_rel_diff_vs_naive"]) for r in out["profile"] if r["max_rel_diff_vs_naive"] > 1e-3]
     if bad:
         w(f"\nWARNING: estimates differ from scikit-dimension by more than 1e-3 relative: {bad}\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    w(f"\nraw numbers: {args.out}; load avg at the end {out['loadavg_end']}; wall time {out['wall_s']:.0f} s\n")
+    out_path = args.out or (None if args.quick else "docs/benchmarks_intrinsic_dim.json")
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(out, indent=2) + "\n")
+    w(f"\nraw numbers: {out_path or '(not written; --out PATH)'}; load avg at the end {out['loadavg_end']}; ")
+    w(f"wall time {out['wall_s']:.0f} s\n")
     return 0
 
 

@@ -148,8 +148,11 @@ def nearest_neighbour_distances(
     if n < k + 1:
         raise DataError(f"need at least {k + 1} points for {k} nearest neighbours, got {n}")
     budget = 8 * 1024 * 1024  # elements per temporary, ~64 MB in float64
-    x32 = _centred_float32(x, max(1, budget // max(dim, 1)))
-    sq = (x32.double() ** 2).sum(dim=1).float()
+    rows_per_chunk = max(1, budget // max(dim, 1))
+    x32 = _centred_float32(x, rows_per_chunk)
+    sq = torch.cat(
+        [x32[i : i + rows_per_chunk].double().pow(2).sum(dim=1) for i in range(0, n, rows_per_chunk)]
+    ).float()
     m = min(max(k, _CANDIDATES), n - 1)
     if chunk_size is None:
         chunk_size = max(1, min(n, budget // n))
