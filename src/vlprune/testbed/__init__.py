@@ -18,7 +18,7 @@ from vlprune.testbed.evaluate import TASKS, evaluate
 __all__ = ["CHECKPOINTS", "MODELS", "TASKS", "load", "evaluate", "checkpoint_dir"]
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
-MODELS: dict[str, str] = {"clip": "CLIPModel"}
+MODELS: dict[str, str] = {"clip": "CLIPModel", "llava": "LlavaForConditionalGeneration"}
 
 
 def checkpoint_dir(name: str) -> Path:

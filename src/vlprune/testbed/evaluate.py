@@ -3,6 +3,11 @@
 Tasks (all numbers are fractions in [0, 1], the same on every run: fixed scenes, eval mode, no
 sampling):
 
+* ``"vqa"`` (LLaVA-style generative models): exact-match accuracy of the greedy answer per domain,
+  ``math`` and ``general``, on ``n`` test scenes each;
+* ``"caption"`` (generative): ``bleu4`` and ``cider`` of greedy captions against the generated
+  reference caption, with pycocoevalcap's ``Bleu`` and ``Cider`` scorers (CIDEr is reported
+  divided by 10 so that it lies in [0, 1], like the other numbers: a perfect caption scores 1.0);
 * ``"retrieval"`` (CLIP-style dual encoders): ``i2t_r1`` / ``t2i_r1``, recall@1 of image-to-caption
   and caption-to-image retrieval among ``n`` test scenes (chance = 1 / n), and ``zeroshot_digit``,
   zero-shot accuracy of naming the top-left digit with prompts "top left <digit>".
@@ -25,11 +30,11 @@ from vlprune.errors import VLPruneError
 from vlprune.plugins.capture import preserved_mode
 from vlprune.testbed.data import DIGIT_WORDS, build_tokenizer, make_scenes, pixel_values
 
-__all__ = ["TASKS", "evaluate", "retrieval"]
+__all__ = ["TASKS", "evaluate", "retrieval", "vqa_accuracy", "caption_scores", "generate_answers"]
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("retrieval",)
+TASKS: tuple[str, ...] = ("retrieval", "vqa", "caption")
 _EVAL_SEED = 12345
 
 
@@ -71,6 +76,77 @@ def retrieval(model: nn.Module, split: str = "test", n: int = 500, batch_size: i
     return {"i2t_r1": i2t, "t2i_r1": t2i, "zeroshot_digit": zeroshot}
 
 
+def _vocab() -> dict[str, int]:
+    from vlprune.testbed.data import vocabulary
+
+    return {w: i for i, w in enumerate(vocabulary())}
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], max_new_tokens: int = 20, batch_size: int = 100) -> list[str]:
+    """Greedy answers of a testbed LLaVA to ``prompts`` about ``scenes`` (left-padded batches)."""
+    from vlprune.testbed.train import lm_example
+
+    vocab = _vocab()
+    words = {i: w for w, i in vocab.items()}
+    pad, eos = vocab["[PAD]"], vocab["[EOS]"]
+    device = _device(model)
+    answers: list[str] = []
+    with preserved_mode(model, training=False):
+        for start in range(0, len(scenes), batch_size):
+            chunk, texts = scenes[start : start + batch_size], prompts[start : start + batch_size]
+            ids = [lm_example(t, None)[0] for t in texts]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad)
+            mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, x in enumerate(ids):
+                input_ids[i, width - len(x) :] = torch.tensor(x)
+                mask[i, width - len(x) :] = 1
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                pixel_values=pixel_values(chunk).to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            )
+            for row in out[:, width:].tolist():
+                tokens = []
+                for t in row:
+                    if t in (eos, pad):
+                        break
+                    tokens.append(words.get(t, "[UNK]"))
+                answers.append(" ".join(tokens))
+    return answers
+
+
+def vqa_accuracy(model: nn.Module, split: str = "test", n: int = 300) -> dict[str, float]:
+    """Exact-match VQA accuracy per domain on ``n`` scenes each."""
+    import random
+
+    from vlprune.testbed.data import vqa
+
+    out: dict[str, float] = {}
+    for offset, domain in enumerate(("math", "general")):
+        scenes = make_scenes(split, n, seed=_EVAL_SEED + 1 + offset)  # type: ignore[arg-type]
+        rng = random.Random(_EVAL_SEED + offset)
+        qa = [vqa(s, domain, rng) for s in scenes]  # type: ignore[arg-type]
+        answers = generate_answers(model, scenes, [f"question {q}" for q, _ in qa], max_new_tokens=4)
+        out[domain] = sum(a == truth for a, (_, truth) in zip(answers, qa)) / n
+    return out
+
+
+def caption_scores(model: nn.Module, split: str = "test", n: int = 300) -> dict[str, float]:
+    """BLEU-4 and CIDEr (/10) of greedy captions on ``n`` scenes."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    scenes = make_scenes(split, n, seed=_EVAL_SEED + 3)  # type: ignore[arg-type]
+    captions = generate_answers(model, scenes, ["caption"] * n, max_new_tokens=17)
+    refs = {i: [s.caption()] for i, s in enumerate(scenes)}
+    hyps = {i: [c if c else "[EMPTY]"] for i, c in enumerate(captions)}
+    bleu = Bleu(4).compute_score(refs, hyps, verbose=0)[0][3]
+    cider = Cider().compute_score(refs, hyps)[0]
+    return {"bleu4": float(bleu), "cider": float(cider) / 10.0}
+
+
 def evaluate(model: nn.Module, task: str, split: str = "test", **kwargs: Any) -> dict[str, float]:
     """Evaluate ``model`` on a testbed task.
 
@@ -85,4 +161,8 @@ def evaluate(model: nn.Module, task: str, split: str = "test", **kwargs: Any) ->
     """
     if task == "retrieval":
         return retrieval(model, split, **kwargs)
+    if task in ("vqa", "caption"):
+        if not hasattr(model, "generate"):
+            raise VLPruneError(f"task {task!r} needs a generative model (LLaVA-like), got {type(model).__name__}")
+        return vqa_accuracy(model, split, **kwargs) if task == "vqa" else caption_scores(model, split, **kwargs)
     raise VLPruneError(f"unknown testbed task {task!r}; available: {', '.join(TASKS)} (more arrive with the LLaVA testbed)")

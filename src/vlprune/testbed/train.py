@@ -2,6 +2,8 @@
 
 * ``clip``: a small ``CLIPModel`` (56 px scenes, 14 px patches) trained contrastively on
   (scene, caption) pairs.
+* ``llava``: ``LlavaForConditionalGeneration`` whose vision tower starts from the testbed CLIP,
+  trained on captioning + math VQA + general VQA (loss on answer tokens only).
 
 Checkpoints (``save_pretrained``, safetensors), the tokenizer and ``train_log.json`` go to
 ``src/vlprune/testbed/checkpoints/<name>/`` (or ``--out``).
@@ -13,22 +15,25 @@ import argparse
 import json
 import logging
 import math
+import random
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocabulary
+from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocabulary, vqa
 
-__all__ = ["CHECKPOINTS", "clip_config", "train_clip", "tune_cpu_runtime", "main"]
+__all__ = ["CHECKPOINTS", "clip_config", "llava_config", "lm_example", "llava_batch", "train_clip", "train_llava", "tune_cpu_runtime", "main"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 MAX_TEXT = 24
+N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2  # 16 patch tokens (the CLS token is dropped)
 
 
 def clip_config() -> Any:
@@ -48,6 +53,106 @@ def clip_config() -> Any:
         ),
         projection_dim=64,
     )
+
+
+def llava_config(vision_config: Any | None = None) -> Any:
+    """The testbed LLaVA: the testbed CLIP's vision tower, a 2-layer projector and a 4-layer
+    Llama-style decoder (GQA: 4 query / 2 key-value heads)."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    vocab = vocabulary()
+    vision = vision_config if vision_config is not None else CLIPVisionConfig(**clip_config().vision_config.to_dict())
+    return LlavaConfig(
+        vision_config=vision.to_dict() | {"model_type": "clip_vision_model"},
+        text_config=dict(
+            model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=64,
+            bos_token_id=vocab.index("[BOS]"), eos_token_id=vocab.index("[EOS]"), pad_token_id=vocab.index("[PAD]"),
+            tie_word_embeddings=False,
+        ),
+        image_token_index=vocab.index("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=N_IMAGE_TOKENS,
+    )
+
+
+def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one LLaVA example: ``[BOS] <image>*16 prompt [SEP] answer [EOS]``;
+    labels are -100 except on the answer and [EOS]. With ``answer=None`` only the prompt part
+    (ending in [SEP]) is returned, for generation."""
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    head = [vocab["[BOS]"]] + [vocab["<image>"]] * N_IMAGE_TOKENS + [vocab[w] for w in prompt.split()] + [vocab["[SEP]"]]
+    if answer is None:
+        return head, [-100] * len(head)
+    tail = [vocab[w] for w in answer.split()] + [vocab["[EOS]"]]
+    return head + tail, [-100] * len(head) + tail
+
+
+def llava_batch(scenes: Sequence[Any], rng: random.Random) -> dict[str, torch.Tensor]:
+    """A training batch mixing captioning, math VQA and general VQA (a third each)."""
+    pad = vocabulary().index("[PAD]")
+    ids, labels = [], []
+    for scene in scenes:
+        task = rng.randrange(3)
+        if task == 0:
+            prompt, answer = "caption", scene.caption()
+        else:
+            q, answer = vqa(scene, "math" if task == 1 else "general", rng)
+            prompt = f"question {q}"
+        x, y = lm_example(prompt, answer)
+        ids.append(x)
+        labels.append(y)
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad)
+    label_t = torch.full((len(ids), width), -100)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        label_t[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(scenes)}
+
+
+def train_llava(
+    out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, clip_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train the testbed LLaVA (vision tower initialised from the testbed CLIP); returns the log."""
+    from transformers import CLIPModel, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    clip = CLIPModel.from_pretrained(clip_dir or CHECKPOINTS / "clip", local_files_only=True)
+    model = LlavaForConditionalGeneration(llava_config(clip.config.vision_config))
+    missing = model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=False)
+    if missing.unexpected_keys:
+        raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
+    del clip
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    log: dict[str, Any] = {"model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "loss": []}
+    start = time.time()
+    model.train()
+    for step in tqdm(range(steps), desc="train llava"):
+        scenes = make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step)
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, steps // 20, lr)
+        loss = model(**llava_batch(scenes, rng)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            value = float(loss.detach())
+            log["loss"].append([step, round(value, 4)])
+            logger.info("step %d loss %.4f", step, value)
+    log["train_seconds"] = round(time.time() - start, 1)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)  # type: ignore[attr-defined]
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
 
 
 def tune_cpu_runtime(threads: int = 1) -> None:
@@ -114,7 +219,7 @@ def train_clip(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["clip"])
+    parser.add_argument("model", choices=["clip", "llava"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -126,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_runtime(parser_threads)
     out = Path(args.out) if args.out else CHECKPOINTS / args.model
     kwargs = {"steps": args.steps} if args.steps else {}
-    log = train_clip(out, seed=args.seed, **kwargs)
+    trainer = {"clip": train_clip, "llava": train_llava}[args.model]
+    log = trainer(out, seed=args.seed, **kwargs)
     sys.stdout.write(f"trained {args.model} in {log['train_seconds']} s; final loss {log['loss'][-1][1]}\n")
     return 0
 
