@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 #: name of the shape record :func:`save_pruned` writes next to the weights
 SHAPES_FILE = "vlprune_shapes.json"
-_FORMAT = "vlprune.shapes/2"
+_FORMAT = "vlprune.shapes/1"
 
 #: integer attention attributes :func:`sync_hf_model` keeps in step with the weight shapes
 ATTENTION_ATTRS: tuple[str, ...] = (
@@ -83,7 +83,6 @@ _SCALE_ATTRS = ("scale", "scaling", "softmax_scale")
 _OUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection")
 _ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "partial_rotary_factor")
 
-Record = dict[str, dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +254,7 @@ class _AttnState:
     rotary: bool
 
 
-def _attn_state(model: nn.Module, modules: dict[str, nn.Module], att: AttentionLayout) -> _AttnState:
+def _attn_state(modules: dict[str, nn.Module], att: AttentionLayout) -> _AttnState:
     module = modules[att.name]
     q, k, v = modules[att.q], modules[att.k], modules[att.v]
     o = modules[att.o] if att.o else None
@@ -334,7 +333,10 @@ def _explain(state: _AttnState, mode: str) -> tuple[int, int, int] | str:
             )
         hd = state.q_out // heads
         if state.rotary and hd != state.head_dim0:
-            return f"attention {name}: rotary position embeddings fix head_dim at {state.head_dim0}; prune whole heads"
+            return (
+                f"attention {name}: rotary position embeddings fix head_dim at {state.head_dim0}; "
+                "prune whole heads"
+            )
     if heads < 1 or kv < 1 or heads % kv:
         return (
             f"attention {name}: {heads} query heads cannot share {kv} key/value heads evenly; in GQA "
@@ -421,67 +423,119 @@ def sync_hf_model(
     if pruned not in ("heads", "head_dim", "auto"):
         raise VLPruneError(f"pruned must be 'heads', 'head_dim' or 'auto', got {pruned!r}")
     modules = dict(model.named_modules())
-    # ---- attentions: decide the mode and the new attributes (no change yet)
-    changed_states = [s for s in (_attn_state(model, modules, a) for a in find_attentions(model)) if not _is_consistent(s)]
+    states = [_attn_state(modules, a) for a in find_attentions(model)]
+    # plan everything first; nothing below changes the model until "apply"
+    mode, attn_plan = _plan_attentions(model, states, pruned)
+    config_plan = _plan_config_heads(modules, states, attn_plan)
+    mlp_attrs, mlp_configs = _plan_mlps(model, modules)
+    norm_shapes, hidden_attrs, hidden_configs = _plan_hidden(modules, skip={p.state.layout.name for p in attn_plan})
+    config_plan += mlp_configs + hidden_configs
+    # apply
+    plan: dict[str, dict[str, int | float]] = {}
+    with torch.no_grad():
+        for item in attn_plan:
+            for attr, value in item.changes.items():
+                setattr(item.state.module, attr, value)
+            if item.changes:
+                plan[item.state.layout.name] = dict(item.changes)
+            if item.fold is not None:
+                q = modules[item.state.layout.q]
+                q.weight.mul_(item.fold)
+                if q.bias is not None:
+                    q.bias.mul_(item.fold)
+                logger.info("sync_hf_model: %s: query scaled by %.4f to keep the original attention scale",
+                            item.state.layout.name, item.fold)
+    for module, path, attr, value in mlp_attrs + hidden_attrs:
+        setattr(module, attr, value)
+        plan.setdefault(path, {})[attr] = value
+    for norm, path, shape in norm_shapes:
+        norm.normalized_shape = shape
+        plan.setdefault(path, {})["normalized_shape"] = shape[0]
+    for cfg, values in config_plan:
+        for attr, value in values.items():
+            setattr(cfg, attr, value)
+        plan.setdefault(_config_key(model, cfg), {}).update(values)
+    if plan:
+        logger.info("sync_hf_model: updated %d module(s)/config(s) (attention mode %s)", len(plan), mode)
+    return plan
+
+
+@dataclass
+class _AttnPlan:
+    state: _AttnState
+    layout: tuple[int, int, int]  # heads, kv heads, head_dim
+    changes: dict[str, int]
+    fold: float | None  # factor for the query weights (keeps the original scale), or None
+
+
+def _plan_attentions(model: nn.Module, states: list[_AttnState], pruned: str) -> tuple[str, list[_AttnPlan]]:
+    """The attention mode and, for every attention whose attributes lag behind its shapes, the new ones."""
+    changed = [s for s in states if not _is_consistent(s)]
     mode = pruned
-    if changed_states and pruned == "auto":
-        fits = {m: [_explain(s, m) for s in changed_states] for m in ("heads", "head_dim")}
+    if changed and pruned == "auto":
+        fits = {m: [_explain(s, m) for s in changed] for m in ("heads", "head_dim")}
         ok = [m for m, res in fits.items() if all(isinstance(r, tuple) for r in res)]
-        if len(ok) == 2 and any(fits["heads"][i] != fits["head_dim"][i] for i in range(len(changed_states))):
-            raise ModelStructureError(
-                f"sync_hf_model: the attention shapes of {type(model).__name__} fit both whole-head pruning and "
-                "head-dim pruning (e.g. "
-                f"{changed_states[0].layout.name}: {changed_states[0].q_out} query channels); pass "
-                "pruned='heads' (Torch-Pruning prune_num_heads=True, prune_head_dims=False) or pruned='head_dim'"
-            )
         if not ok:
             reasons = [r for res in fits.values() for r in res if isinstance(r, str)]
-            raise ModelStructureError("sync_hf_model: " + reasons[0] + " (neither whole heads nor narrower heads fit)")
+            raise ModelStructureError(f"sync_hf_model: {reasons[0]} (neither whole heads nor narrower heads fit)")
+        if len(ok) == 2 and fits["heads"] != fits["head_dim"]:
+            example = changed[0]
+            raise ModelStructureError(
+                f"sync_hf_model: the attention shapes of {type(model).__name__} fit both whole-head and head-dim "
+                f"pruning (e.g. {example.layout.name}: {example.q_out} query channels); pass pruned='heads' "
+                "(Torch-Pruning prune_num_heads=True, prune_head_dims=False) or pruned='head_dim'"
+            )
         mode = ok[0]
-    attn_plan: list[tuple[_AttnState, dict[str, int], float | None]] = []
-    for state in changed_states:
+    plans = []
+    for state in changed:
         res = _explain(state, mode)
         if isinstance(res, str):
             raise ModelStructureError(f"sync_hf_model(pruned={mode!r}): {res}")
         heads, kv, hd = res
         fold = None
-        if state.head_dim0 and hd != state.head_dim0 and not any(
-            isinstance(getattr(state.module, a, None), float) for a in _SCALE_ATTRS
-        ):
-            fold = math.sqrt(hd / state.head_dim0)
-        attn_plan.append((state, _attention_changes(state, heads, kv, hd), fold))
-    plan: Record = {}
-    for state, changes, _ in attn_plan:
-        if changes:
-            plan[state.layout.name] = dict(changes)
-    # head counts that are uniform per config (only where the config states head_dim)
-    by_cfg: dict[int, tuple[Any, list[tuple[int, int, int]]]] = {}
-    for state in (_attn_state(model, modules, a) for a in find_attentions(model)):
+        has_scale = any(isinstance(getattr(state.module, a, None), float) for a in _SCALE_ATTRS)
+        if state.head_dim0 and hd != state.head_dim0 and not has_scale:
+            fold = math.sqrt(hd / state.head_dim0)  # scale derived from the head size at run time
+        plans.append(_AttnPlan(state, res, _attention_changes(state, heads, kv, hd), fold))
+    return mode, plans
+
+
+def _plan_config_heads(
+    modules: dict[str, nn.Module], states: list[_AttnState], plans: list[_AttnPlan]
+) -> list[tuple[Any, dict[str, int | float]]]:
+    """Head counts for configs whose attentions all agree, where the config states head_dim itself."""
+    planned = {p.state.layout.name: p.layout for p in plans}
+    by_cfg: dict[int, tuple[Any, set[tuple[int, int, int]]]] = {}
+    for state in states:
         cfg = _owner_config(modules, state.layout.name)
         if cfg is None:
             continue
-        planned = next((p for p in attn_plan if p[0].layout.name == state.layout.name), None)
-        if planned is not None:
-            heads, kv, hd = _explain(state, mode)  # type: ignore[misc]
-        else:
+        layout = planned.get(state.layout.name)
+        if layout is None:
             hd = state.head_dim0 or 0
-            heads, kv = (state.q_out // hd, state.k_out // hd) if hd else (0, 0)
-        by_cfg.setdefault(id(cfg), (cfg, []))[1].append((heads, kv, hd))
-    config_plan: list[tuple[Any, dict[str, Any]]] = []
+            layout = (state.q_out // hd, state.k_out // hd, hd) if hd else (0, 0, 0)
+        by_cfg.setdefault(id(cfg), (cfg, set()))[1].add(layout)
+    out: list[tuple[Any, dict[str, int | float]]] = []
     for cfg, layouts in by_cfg.values():
-        if len(set(layouts)) != 1 or not isinstance(vars(cfg).get("head_dim"), int):
+        if len(layouts) != 1 or not isinstance(vars(cfg).get("head_dim"), int):
             continue
-        heads, kv, hd = layouts[0]
+        heads, kv, hd = next(iter(layouts))
         if hd != cfg.head_dim or not heads:
             continue
-        new = {"num_attention_heads": heads}
+        new: dict[str, int | float] = {"num_attention_heads": heads}
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):
             new["num_key_value_heads"] = kv
         new = {a: v for a, v in new.items() if getattr(cfg, a) != v}
         if new:
-            config_plan.append((cfg, new))
-    # ---- MLPs
-    mlp_attr_plan: list[tuple[nn.Module, str, str, int]] = []
+            out.append((cfg, new))
+    return out
+
+
+def _plan_mlps(
+    model: nn.Module, modules: dict[str, nn.Module]
+) -> tuple[list[tuple[nn.Module, str, str, int]], list[tuple[Any, dict[str, int | float]]]]:
+    """``intermediate_size`` attributes of MLP modules, and config widths that stay uniform."""
+    attrs: list[tuple[nn.Module, str, str, int]] = []
     widths: dict[int, tuple[Any, set[int]]] = {}
     for mlp in find_mlps(model):
         up, down = modules[mlp.up], modules[mlp.down]
@@ -490,88 +544,74 @@ def sync_hf_model(
         if up.out_features != width or (gate is not None and gate.out_features != width):
             raise ModelStructureError(
                 f"MLP {mlp.name}: up/gate give {up.out_features}/{gate.out_features if gate else '-'} "
-                f"neurons but down takes {width}"
+                f"neurons but down takes {width}; prune them in one Torch-Pruning group"
             )
-        for holder_path in (mlp.name, mlp.up.rpartition(".")[0]):
+        for holder_path in dict.fromkeys((mlp.name, mlp.up.rpartition(".")[0])):
             holder = modules[holder_path]
             if _int_attr(holder, ("intermediate_size",)) is not None and holder.intermediate_size != width:
-                mlp_attr_plan.append((holder, holder_path, "intermediate_size", width))
+                attrs.append((holder, holder_path, "intermediate_size", width))
         cfg = _owner_config(modules, mlp.name)
         if cfg is not None:
             widths.setdefault(id(cfg), (cfg, set()))[1].add(width)
+    configs: list[tuple[Any, dict[str, int | float]]] = []
     for cfg, sizes in widths.values():
         if len(sizes) != 1:
             logger.info("sync_hf_model: MLP widths differ per layer under %s; config left as is", type(cfg).__name__)
             continue
         width = next(iter(sizes))
+        hidden = getattr(cfg, "hidden_size", None)
         if isinstance(getattr(cfg, "intermediate_size", None), int):
             if cfg.intermediate_size != width:
-                config_plan.append((cfg, {"intermediate_size": width}))
-        elif isinstance(getattr(cfg, "mlp_ratio", None), (int, float)) and isinstance(getattr(cfg, "hidden_size", None), int):
-            if int(cfg.hidden_size * cfg.mlp_ratio) != width and not getattr(cfg, "use_swiglu_ffn", False):
-                ratio = width / cfg.hidden_size
-                if int(cfg.hidden_size * ratio) == width:
-                    config_plan.append((cfg, {"mlp_ratio": ratio}))
-    # ---- LayerNorms and hidden size
-    ln_plan: list[tuple[nn.LayerNorm, str, tuple[int, ...]]] = []
-    norm_widths: dict[int, tuple[Any, set[int], list[str]]] = {}
+                configs.append((cfg, {"intermediate_size": width}))
+        elif isinstance(getattr(cfg, "mlp_ratio", None), (int, float)) and isinstance(hidden, int):
+            # DINOv2: width = int(hidden_size * mlp_ratio) (not for its SwiGLU variant)
+            if int(hidden * cfg.mlp_ratio) != width and not getattr(cfg, "use_swiglu_ffn", False):
+                if int(hidden * (width / hidden)) == width:
+                    configs.append((cfg, {"mlp_ratio": width / hidden}))
+    return attrs, configs
+
+
+def _plan_hidden(
+    modules: dict[str, nn.Module], skip: set[str]
+) -> tuple[
+    list[tuple[nn.LayerNorm, str, tuple[int, ...]]],
+    list[tuple[nn.Module, str, str, int]],
+    list[tuple[Any, dict[str, int | float]]],
+]:
+    """LayerNorm shapes lagging behind their weights, and a residual-stream width that changed
+    uniformly under a config (``hidden_size``, ``embed_dim`` / ``hidden_size`` attributes)."""
+    norm_shapes: list[tuple[nn.LayerNorm, str, tuple[int, ...]]] = []
+    widths: dict[int, tuple[Any, set[int]]] = {}
+    owner = {name: _owner_config(modules, name) for name in modules}
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
         is_norm = isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
         if not is_norm or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             continue
         if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) != tuple(weight.shape):
-            ln_plan.append((module, name, tuple(weight.shape)))
-        cfg = _owner_config(modules, name)
-        if cfg is not None:
-            entry = norm_widths.setdefault(id(cfg), (cfg, set(), []))
-            entry[1].add(weight.shape[0])
-            entry[2].append(name)
-    hidden_plan: list[tuple[Any, int, int, list[str]]] = []
-    for cfg, sizes, names in norm_widths.values():
+            norm_shapes.append((module, name, tuple(weight.shape)))
+        if owner[name] is not None:
+            widths.setdefault(id(owner[name]), (owner[name], set()))[1].add(weight.shape[0])
+    attrs: list[tuple[nn.Module, str, str, int]] = []
+    configs: list[tuple[Any, dict[str, int | float]]] = []
+    for cfg, sizes in widths.values():
         old = getattr(cfg, "hidden_size", None)
-        if not isinstance(old, int) or old in sizes:
+        if not isinstance(old, int) or isinstance(old, bool) or old in sizes:
             continue
         if len(sizes) != 1:
             logger.warning("sync_hf_model: norms under %s have widths %s; hidden_size left at %d",
                            type(cfg).__name__, sorted(sizes), old)
             continue
-        hidden_plan.append((cfg, old, next(iter(sizes)), names))
-    hidden_attr_plan: list[tuple[nn.Module, str, str, int]] = []
-    for cfg, old, new, _ in hidden_plan:
-        config_plan.append((cfg, {"hidden_size": new}))
+        new = next(iter(sizes))
+        configs.append((cfg, {"hidden_size": new}))
         for name, module in modules.items():
-            if _owner_config(modules, name) is not cfg or name in plan:
+            if owner[name] is not cfg or name in skip:
                 continue
             for attr in ("embed_dim", "hidden_size"):
-                if getattr(module, attr, None) == old and not isinstance(getattr(module, attr), bool):
-                    hidden_attr_plan.append((module, name, attr, new))
-    # ---- apply (nothing above changed the model)
-    with torch.no_grad():
-        for state, changes, fold in attn_plan:
-            for attr, value in changes.items():
-                setattr(state.module, attr, value)
-            if fold is not None:
-                q = modules[state.layout.q]
-                q.weight.mul_(fold)
-                if q.bias is not None:
-                    q.bias.mul_(fold)
-                logger.info("sync_hf_model: %s: folded sqrt(%d/%d) into the query to keep the original scale",
-                            state.layout.name, changes.get("head_dim", changes.get("attention_head_size", 0)),
-                            state.head_dim0)
-    for module, path, attr, value in mlp_attr_plan + hidden_attr_plan:
-        setattr(module, attr, value)
-        plan.setdefault(path, {})[attr] = value
-    for module, path, shape in ln_plan:
-        module.normalized_shape = shape
-        plan.setdefault(path, {})["normalized_shape"] = shape[0] if len(shape) == 1 else shape  # type: ignore[assignment]
-    for cfg, values in config_plan:
-        for attr, value in values.items():
-            setattr(cfg, attr, value)
-        plan.setdefault(_config_key(model, cfg), {}).update(values)
-    if plan:
-        logger.info("sync_hf_model: updated %d module(s)/config(s) (attention mode %s)", len(plan), mode)
-    return plan
+                value = getattr(module, attr, None)
+                if value == old and isinstance(value, int) and not isinstance(value, bool):
+                    attrs.append((module, name, attr, new))
+    return norm_shapes, attrs, configs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,7 +712,7 @@ def _main_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def save_pruned(model: nn.Module, directory: str | Path) -> Path:
+def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = False) -> Path:
     """Save a (pruned) transformers model so that :func:`load_pruned` rebuilds it exactly.
 
     Writes ``model.save_pretrained(directory)`` (config + safetensors) and :data:`SHAPES_FILE`:
@@ -684,6 +724,7 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     Args:
         model: a ``transformers.PreTrainedModel``, pruned or not (not changed).
         directory: output directory (created if needed).
+        progress: show transformers' "Writing model shards" progress bar.
 
     Returns:
         The directory, as a ``Path``.
@@ -740,11 +781,16 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
             if (t is None) != (r is None) or (t is not None and tuple(t.shape) != tuple(r.shape)):
                 if b in module._non_persistent_buffers_set:
                     raise VLPruneError(f"non-persistent buffer {name}.{b} changed shape; it cannot be saved")
-                buffers[b] = None if t is None else {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                dtype = None if t is None else str(t.dtype).removeprefix("torch.")
+                buffers[b] = None if t is None else {"shape": list(t.shape), "dtype": dtype}
         if buffers:
             entry["buffers"] = buffers
         mine, theirs = _simple_attrs(module), _simple_attrs(ref)
-        attrs = {a: _encode(v) for a, v in mine.items() if a not in theirs or theirs[a] != v or type(theirs[a]) is not type(v)}
+        attrs = {
+            a: _encode(v)
+            for a, v in mine.items()
+            if a not in theirs or theirs[a] != v or type(theirs[a]) is not type(v)
+        }
         if attrs:
             entry["attrs"] = attrs
         if entry:
@@ -755,7 +801,16 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     main = _main_dtype(model)
     param_dtypes = {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.dtype != main}
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    if not progress and bar_was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if bar_was_on and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
     record = {
         "format": _FORMAT,
         "model_class": _class_path(cls),
@@ -897,7 +952,10 @@ def load_pruned(directory: str | Path, model_class: type | None = None) -> nn.Mo
                     grad = old.requires_grad if old is not None else True
                     module._parameters[pname] = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=grad)
             for bname, spec in entry.get("buffers", {}).items():
-                module._buffers[bname] = None if spec is None else torch.zeros(spec["shape"], dtype=_dtype(spec["dtype"]))
+                if spec is None:
+                    module._buffers[bname] = None
+                else:
+                    module._buffers[bname] = torch.zeros(spec["shape"], dtype=_dtype(spec["dtype"]))
             for attr, value in entry.get("attrs", {}).items():
                 setattr(module, attr, _decode(value))
         # ties: exactly the saved ones
