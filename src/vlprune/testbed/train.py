@@ -18,7 +18,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +129,28 @@ def train_llava(
     if missing.unexpected_keys:
         raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
     del clip
+    log = {"model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step), rng)
+
+    return _fit_and_save(model, batch, out, log)
+
+
+def _fit_and_save(
+    model: torch.nn.Module, batch: Callable[[int], dict[str, torch.Tensor]], out: Path, log: dict[str, Any]
+) -> dict[str, Any]:
+    """AdamW with warm-up + cosine schedule and gradient clipping on ``batch(step)`` (whose model
+    output carries ``.loss``); saves the model, the tokenizer and the log to ``out``."""
+    steps, lr = log["steps"], log["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    log: dict[str, Any] = {"model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "loss": []}
+    log["loss"] = []
     start = time.time()
     model.train()
-    for step in tqdm(range(steps), desc="train llava"):
-        scenes = make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step)
+    for step in tqdm(range(steps), desc=f"train {log['model']}"):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, steps // 20, lr)
-        loss = model(**llava_batch(scenes, rng)).loss
+        loss = model(**batch(step)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -186,34 +199,17 @@ def train_clip(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 
     torch.manual_seed(seed)
     tok = build_tokenizer()
     model = CLIPModel(clip_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    log: dict[str, Any] = {"model": "clip", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "loss": []}
-    start = time.time()
-    model.train()
-    for step in tqdm(range(steps), desc="train clip"):
+    log = {"model": "clip", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
         scenes = make_scenes("train", batch_size, seed=seed * 1_000_003 + step)
         texts = tok([s.caption() for s in scenes], padding=True, return_tensors="pt")  # type: ignore[operator]
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, steps // 20, lr)
-        loss = model(
-            input_ids=texts.input_ids, attention_mask=texts.attention_mask,
-            pixel_values=pixel_values(scenes), return_loss=True,
-        ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            value = float(loss.detach())
-            log["loss"].append([step, round(value, 4)])
-            logger.info("step %d loss %.4f", step, value)
-    log["train_seconds"] = round(time.time() - start, 1)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)  # type: ignore[attr-defined]
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    return log
+        return {
+            "input_ids": texts.input_ids, "attention_mask": texts.attention_mask,
+            "pixel_values": pixel_values(scenes), "return_loss": True,
+        }
+
+    return _fit_and_save(model, batch, out, log)
 
 
 def main(argv: list[str] | None = None) -> int:
