@@ -1,4 +1,4 @@
-"""The committed testbed CLIP: loads offline and really learned the task (fixed seeds)."""
+"""The committed testbed models load offline and really learned their tasks (fixed seeds)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,12 @@ def test_testbed_clip_retrieves_far_above_chance() -> None:
     assert scores["i2t_r1"] > 0.4 and scores["t2i_r1"] > 0.4  # chance: 1/500
     assert scores["zeroshot_digit"] > 0.2  # chance: 0.1
     assert evaluate(model, "retrieval", n=500) == scores  # same numbers on every run
+
+
+@pytest.mark.slow
+def test_testbed_llava_answers_and_captions() -> None:
+    model = load("llava")
+    vqa = evaluate(model, "vqa", n=200)
+    assert vqa["math"] > 0.5 and vqa["general"] > 0.6
+    caption = evaluate(model, "caption", n=200)
+    assert caption["cider"] > 0.8 and caption["bleu4"] > 0.8
