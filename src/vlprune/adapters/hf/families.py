@@ -69,6 +69,10 @@ __all__ = [
     "describe",
     "find_attentions",
     "find_mlps",
+    "AttentionLayout",
+    "MLPLayout",
+    "attention_layouts",
+    "mlp_layouts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -381,6 +385,127 @@ def _head_shape(model: nn.Module, name: str, module: nn.Module, q_out: int, k_ou
     return None
 
 
+_OUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
+    child = module._modules.get(name)
+    return child if isinstance(child, nn.Linear) else None
+
+
+def _declared_head_attr(module: nn.Module) -> int | None:
+    for attr in ("num_heads", "num_attention_heads"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where one attention module's projections are.
+
+    Attributes:
+        name: path of the module that holds the head attributes (``num_heads`` ...).
+        q, k, v: paths of the query / key / value linears (all three the same path when fused).
+        o: path of the output projection, or ``None`` if it was not found.
+        fused: one ``qkv`` linear whose output is ``[q | k | v]``.
+    """
+
+    name: str
+    q: str
+    k: str
+    v: str
+    o: str | None
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """Where one MLP's linears are.
+
+    Attributes:
+        name: path of the module that contains the MLP.
+        up: path of the first linear (``fc1`` / ``up_proj`` / ``intermediate.dense``).
+        down: path of the second linear (``fc2`` / ``down_proj`` / ``output.dense``).
+        gate: path of the gate linear of a gated MLP, else ``None``.
+    """
+
+    name: str
+    up: str
+    down: str
+    gate: str | None = None
+
+
+def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
+    """Where the q/k/v/output linears of every attention are, from names alone (no head counts:
+    valid even when the shapes no longer fit any head layout, which sync code needs).
+
+    Args:
+        model: any ``nn.Module`` (typically a transformers model).
+
+    Returns:
+        One :class:`AttentionLayout` per attention, in module order.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> [a.q for a in attention_layouts(tiny_model("vit"))][:1]
+        ['vit.layers.0.attention.q_proj']
+    """
+    modules = dict(model.named_modules())
+    found: list[AttentionLayout] = []
+    for name, module in modules.items():
+        for q, k, v in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
+            if all(_linear_child(module, x) is not None for x in (q, k, v)):
+                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
+                if out is None:  # BERT style: <attention>.self.{query,key,value} + <attention>.output.dense
+                    parent = name.rpartition(".")[0]
+                    sibling = modules.get(_join(parent, "output.dense")) if name else None
+                    out = _join(parent, "output.dense") if isinstance(sibling, nn.Linear) else None
+                found.append(AttentionLayout(name, _join(name, q), _join(name, k), _join(name, v), out))
+                break
+        else:
+            if _linear_child(module, "qkv") is not None and _declared_head_attr(module) is not None:
+                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
+                qkv = _join(name, "qkv")
+                found.append(AttentionLayout(name, qkv, qkv, qkv, out, fused=True))
+    return found
+
+
+def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
+    """Where the two (optionally gated) linears of every MLP are, from names alone.
+
+    Args:
+        model: any ``nn.Module``.
+
+    Returns:
+        One :class:`MLPLayout` per MLP, in module order.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> mlp_layouts(tiny_model("llava"))[-1].gate
+        'model.language_model.layers.1.mlp.gate_proj'
+    """
+    found: list[MLPLayout] = []
+    for name, module in model.named_modules():
+        if _linear_child(module, "fc1") is not None and _linear_child(module, "fc2") is not None:
+            found.append(MLPLayout(name, _join(name, "fc1"), _join(name, "fc2")))
+        elif _linear_child(module, "up_proj") is not None and _linear_child(module, "down_proj") is not None:
+            gate = _join(name, "gate_proj") if _linear_child(module, "gate_proj") is not None else None
+            found.append(MLPLayout(name, _join(name, "up_proj"), _join(name, "down_proj"), gate))
+        else:
+            inter, out = module._modules.get("intermediate"), module._modules.get("output")
+            if inter is not None and out is not None:
+                up, down = _linear_child(inter, "dense"), _linear_child(out, "dense")
+                if up is not None and down is not None:
+                    found.append(MLPLayout(name, _join(name, "intermediate.dense"), _join(name, "output.dense")))
+    return found
+
+
 def _unknown(_name: str) -> Modality:
     return "unknown"
 
@@ -402,35 +527,18 @@ def find_attentions(model: nn.Module, modality_of: Callable[[str], Modality] = _
     """
     modules = dict(model.named_modules())
     found: list[AttentionInfo] = []
-    for name, module in modules.items():
-        children = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
-        prefix = f"{name}." if name else ""
-        q = k = v = o = None
-        if {"q_proj", "k_proj", "v_proj"} <= children.keys():
-            q, k, v = (prefix + x for x in ("q_proj", "k_proj", "v_proj"))
-            o = next((prefix + x for x in ("o_proj", "out_proj", "dense", "proj") if x in children), None)
-        elif {"query", "key", "value"} <= children.keys():
-            q, k, v = (prefix + x for x in ("query", "key", "value"))
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            candidate = f"{parent}.output.dense" if parent else "output.dense"
-            if isinstance(modules.get(candidate), nn.Linear):
-                o = candidate
-            else:
-                o = next((prefix + x for x in ("dense", "out_proj", "o_proj") if x in children), None)
-        elif "qkv" in children:
-            q = k = v = prefix + "qkv"
-            o = next((prefix + x for x in ("projection", "proj", "out_proj", "o_proj") if x in children), None)
-        if q is None or o is None:
+    for lay in attention_layouts(model):
+        if lay.o is None:
             continue
-        if q == k:
-            q_out = k_out = modules[q].out_features // 3
+        if lay.fused:
+            q_out = k_out = modules[lay.q].out_features // 3
         else:
-            q_out, k_out = modules[q].out_features, modules[k].out_features
-        shape = _head_shape(model, name, module, q_out, k_out)
+            q_out, k_out = modules[lay.q].out_features, modules[lay.k].out_features
+        shape = _head_shape(model, lay.name, modules[lay.name], q_out, k_out)
         if shape is None:
             continue
         heads, kv_heads, hd = shape
-        found.append(AttentionInfo(name, q, k, v, o, heads, kv_heads, hd, modality_of(name)))
+        found.append(AttentionInfo(lay.name, lay.q, lay.k, lay.v, lay.o, heads, kv_heads, hd, modality_of(lay.name)))
     return found
 
 
@@ -450,24 +558,11 @@ def find_mlps(model: nn.Module, modality_of: Callable[[str], Modality] = _unknow
     """
     modules = dict(model.named_modules())
     found: list[MLPInfo] = []
-    for name, module in modules.items():
-        children = {n: c for n, c in module.named_children() if isinstance(c, nn.Linear)}
-        prefix = f"{name}." if name else ""
-        if {"fc1", "fc2"} <= children.keys():
-            up, down, gate = prefix + "fc1", prefix + "fc2", None
-        elif {"up_proj", "down_proj"} <= children.keys():
-            up, down = prefix + "up_proj", prefix + "down_proj"
-            gate = prefix + "gate_proj" if "gate_proj" in children else None
-        elif isinstance(modules.get(prefix + "intermediate.dense"), nn.Linear) and isinstance(
-            modules.get(prefix + "output.dense"), nn.Linear
-        ):
-            up, down, gate = prefix + "intermediate.dense", prefix + "output.dense", None
-        else:
+    for lay in mlp_layouts(model):
+        if modules[lay.up].out_features != modules[lay.down].in_features:
+            logger.debug("%s: %s and %s do not chain; not an MLP", lay.name, lay.up, lay.down)
             continue
-        if modules[up].out_features != modules[down].in_features:
-            logger.debug("%s: %s and %s do not chain; not an MLP", name, up, down)
-            continue
-        found.append(MLPInfo(name, up, down, gate, modules[up].out_features, modality_of(name)))
+        found.append(MLPInfo(lay.name, lay.up, lay.down, lay.gate, modules[lay.up].out_features, modality_of(lay.name)))
     return found
 
 

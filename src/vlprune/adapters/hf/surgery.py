@@ -46,6 +46,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlprune.adapters.hf.families import AttentionLayout, MLPLayout
+from vlprune.adapters.hf.families import attention_layouts as find_attentions
+from vlprune.adapters.hf.families import mlp_layouts as find_mlps
 from vlprune.errors import ModelStructureError, VLPruneError
 
 __all__ = [
@@ -80,7 +83,6 @@ ATTENTION_ATTRS: tuple[str, ...] = (
 _HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 _SCALE_ATTRS = ("scale", "scaling", "softmax_scale")
-_OUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection")
 _ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "partial_rotary_factor")
 
 
@@ -88,115 +90,6 @@ _ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "pa
 # ---------------------------------------------------------------------------------------------
 # structure detection (generic: names and shapes only)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Where one attention module's projections are.
-
-    Attributes:
-        name: path of the module that holds the head attributes (``num_heads`` ...).
-        q, k, v: paths of the query / key / value linears (all three the same path when fused).
-        o: path of the output projection, or ``None`` if it was not found.
-        fused: one ``qkv`` linear whose output is ``[q | k | v]``.
-    """
-
-    name: str
-    q: str
-    k: str
-    v: str
-    o: str | None
-    fused: bool = False
-
-
-@dataclass(frozen=True)
-class MLPLayout:
-    """Where one MLP's linears are.
-
-    Attributes:
-        name: path of the module that contains the MLP.
-        up: path of the first linear (``fc1`` / ``up_proj`` / ``intermediate.dense``).
-        down: path of the second linear (``fc2`` / ``down_proj`` / ``output.dense``).
-        gate: path of the gate linear of a gated MLP, else ``None``.
-    """
-
-    name: str
-    up: str
-    down: str
-    gate: str | None = None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
-    child = module._modules.get(name)
-    return child if isinstance(child, nn.Linear) else None
-
-
-def find_attentions(model: nn.Module) -> list[AttentionLayout]:
-    """All attention modules of ``model`` that have linear q/k/v projections.
-
-    Args:
-        model: any ``nn.Module`` (typically a transformers model).
-
-    Returns:
-        One :class:`AttentionLayout` per attention, in module order.
-
-    Example:
-        >>> from vlprune.testbed.tiny import tiny_model
-        >>> [a.q for a in find_attentions(tiny_model("vit"))][:1]
-        ['vit.layers.0.attention.q_proj']
-    """
-    modules = dict(model.named_modules())
-    found: list[AttentionLayout] = []
-    for name, module in modules.items():
-        for q, k, v in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
-            if all(_linear_child(module, x) is not None for x in (q, k, v)):
-                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
-                if out is None:  # BERT style: <attention>.self.{query,key,value} + <attention>.output.dense
-                    parent = name.rpartition(".")[0]
-                    sibling = modules.get(_join(parent, "output.dense")) if name else None
-                    out = _join(parent, "output.dense") if isinstance(sibling, nn.Linear) else None
-                found.append(AttentionLayout(name, _join(name, q), _join(name, k), _join(name, v), out))
-                break
-        else:
-            if _linear_child(module, "qkv") is not None and _head_count_attr(module) is not None:
-                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
-                qkv = _join(name, "qkv")
-                found.append(AttentionLayout(name, qkv, qkv, qkv, out, fused=True))
-    return found
-
-
-def find_mlps(model: nn.Module) -> list[MLPLayout]:
-    """All two-linear (optionally gated) MLPs of ``model``.
-
-    Args:
-        model: any ``nn.Module``.
-
-    Returns:
-        One :class:`MLPLayout` per MLP, in module order.
-
-    Example:
-        >>> from vlprune.testbed.tiny import tiny_model
-        >>> find_mlps(tiny_model("llava"))[-1].gate
-        'model.language_model.layers.1.mlp.gate_proj'
-    """
-    found: list[MLPLayout] = []
-    for name, module in model.named_modules():
-        if _linear_child(module, "fc1") is not None and _linear_child(module, "fc2") is not None:
-            found.append(MLPLayout(name, _join(name, "fc1"), _join(name, "fc2")))
-        elif _linear_child(module, "up_proj") is not None and _linear_child(module, "down_proj") is not None:
-            gate = _join(name, "gate_proj") if _linear_child(module, "gate_proj") is not None else None
-            found.append(MLPLayout(name, _join(name, "up_proj"), _join(name, "down_proj"), gate))
-        else:
-            inter, out = module._modules.get("intermediate"), module._modules.get("output")
-            if inter is not None and out is not None:
-                up, down = _linear_child(inter, "dense"), _linear_child(out, "dense")
-                if up is not None and down is not None:
-                    found.append(MLPLayout(name, _join(name, "intermediate.dense"), _join(name, "output.dense")))
-    return found
 
 
 def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
