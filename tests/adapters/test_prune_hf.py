@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -144,38 +143,6 @@ def test_ratio_outside_range_is_rejected_before_anything_changes(ratio: float) -
     with pytest.raises(VLPruneError, match=r"\[0, 1\)"):
         prune_hf_model(model, example_inputs("vit"), tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-
-
-def test_sync_rejects_shapes_no_head_layout_explains() -> None:
-    model = tiny_model("vit")
-    att = model.vit.layers[0].attention
-    att.q_proj = nn.Linear(32, 12)  # 12 channels: neither whole heads of 8 nor 4 heads of 3 ... of 4 heads: 3 each
-    att.k_proj = nn.Linear(32, 12)
-    att.v_proj = nn.Linear(32, 12)
-    heads_before = att.num_attention_heads
-    with pytest.raises(ModelStructureError):
-        vlprune.sync_hf_model(model, pruned="heads")
-    assert att.num_attention_heads == heads_before
-    assert model.vit.layers[1].attention.num_attention_heads == heads_before
-
-
-def test_load_pruned_errors(tmp_path) -> None:
-    with pytest.raises(VLPruneError, match="save_pruned"):
-        vlprune.load_pruned(tmp_path)
-    model = tiny_model("vit")
-    vlprune.save_pruned(model, tmp_path / "m")
-    record = json.loads((tmp_path / "m" / surgery.SHAPES_FILE).read_text())
-    record["format"] = "something-else"
-    (tmp_path / "m" / surgery.SHAPES_FILE).write_text(json.dumps(record))
-    with pytest.raises(VLPruneError, match="format"):
-        vlprune.load_pruned(tmp_path / "m")
-    record["format"] = "vlprune.shapes/1"
-    record["modules"] = {"no.such.module": {"type": "Linear", "in": 2, "out": 2, "bias": True}}
-    (tmp_path / "m" / surgery.SHAPES_FILE).write_text(json.dumps(record))
-    with pytest.raises(VLPruneError, match="no.such.module"):
-        vlprune.load_pruned(tmp_path / "m")
-    with pytest.raises(VLPruneError, match="PreTrainedModel"):
-        vlprune.save_pruned(nn.Linear(2, 2), tmp_path / "x")
 
 
 def test_nothing_to_prune_is_a_clear_error() -> None:

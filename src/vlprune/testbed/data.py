@@ -48,6 +48,7 @@ __all__ = [
     "make_scenes",
     "vqa",
     "vocabulary",
+    "vocab_index",
     "build_tokenizer",
     "pixel_values",
 ]
@@ -213,6 +214,12 @@ def vocabulary() -> list[str]:
     return words
 
 
+@functools.lru_cache(maxsize=1)
+def vocab_index() -> dict[str, int]:
+    """word -> token id of :func:`vocabulary` (built once)."""
+    return {w: i for i, w in enumerate(vocabulary())}
+
+
 def build_tokenizer() -> object:
     """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` (whitespace split).
 
@@ -221,7 +228,7 @@ def build_tokenizer() -> object:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = dict(vocab_index())
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(

@@ -28,7 +28,7 @@ from torch import nn
 
 from vlprune.errors import VLPruneError
 from vlprune.plugins.capture import preserved_mode
-from vlprune.testbed.data import DIGIT_WORDS, build_tokenizer, make_scenes, pixel_values
+from vlprune.testbed.data import DIGIT_WORDS, build_tokenizer, make_scenes, pixel_values, vocab_index
 
 __all__ = ["TASKS", "evaluate", "retrieval", "vqa_accuracy", "caption_scores", "generate_answers"]
 
@@ -76,18 +76,12 @@ def retrieval(model: nn.Module, split: str = "test", n: int = 500, batch_size: i
     return {"i2t_r1": i2t, "t2i_r1": t2i, "zeroshot_digit": zeroshot}
 
 
-def _vocab() -> dict[str, int]:
-    from vlprune.testbed.data import vocabulary
-
-    return {w: i for i, w in enumerate(vocabulary())}
-
-
 @torch.no_grad()
 def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], max_new_tokens: int = 20, batch_size: int = 100) -> list[str]:
     """Greedy answers of a testbed LLaVA to ``prompts`` about ``scenes`` (left-padded batches)."""
     from vlprune.testbed.train import lm_example
 
-    vocab = _vocab()
+    vocab = vocab_index()
     words = {i: w for w, i in vocab.items()}
     pad, eos = vocab["[PAD]"], vocab["[EOS]"]
     device = _device(model)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocabulary, vqa
+from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocab_index, vocabulary, vqa
 
 __all__ = ["CHECKPOINTS", "clip_config", "llava_config", "lm_example", "llava_batch", "train_clip", "train_llava", "tune_cpu_runtime", "main"]
 
@@ -82,7 +82,7 @@ def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of one LLaVA example: ``[BOS] <image>*16 prompt [SEP] answer [EOS]``;
     labels are -100 except on the answer and [EOS]. With ``answer=None`` only the prompt part
     (ending in [SEP]) is returned, for generation."""
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = vocab_index()
     head = [vocab["[BOS]"]] + [vocab["<image>"]] * N_IMAGE_TOKENS + [vocab[w] for w in prompt.split()] + [vocab["[SEP]"]]
     if answer is None:
         return head, [-100] * len(head)
@@ -92,7 +92,7 @@ def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
 
 def llava_batch(scenes: Sequence[Any], rng: random.Random) -> dict[str, torch.Tensor]:
     """A training batch mixing captioning, math VQA and general VQA (a third each)."""
-    pad = vocabulary().index("[PAD]")
+    pad = vocab_index()["[PAD]"]
     ids, labels = [], []
     for scene in scenes:
         task = rng.randrange(3)
