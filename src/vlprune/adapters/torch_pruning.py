@@ -23,8 +23,18 @@ from torch import nn
 from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.plugins.id_weighted import GroupIDReduce, group_id, id_weight
 from vlprune.plugins.intrinsic_dim import IDProfile
+from vlprune.plugins.platon import Platon, cubic_schedule
 
-__all__ = ["IDWeightedImportance", "group_layer_names", "check_ratio", "hf_pruner_kwargs", "prune_hf_model"]
+__all__ = [
+    "IDWeightedImportance",
+    "PlatonImportance",
+    "cubic_scheduler",
+    "pruning_steps",
+    "group_layer_names",
+    "check_ratio",
+    "hf_pruner_kwargs",
+    "prune_hf_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +141,186 @@ class IDWeightedImportance(tp.importance.Importance):
         if scores is None:
             return None
         return id_weight(scores, weight)
+
+
+_fn = tp.pruner.function
+_OUT_FNS = (_fn.prune_linear_out_channels, _fn.prune_conv_out_channels)
+_IN_FNS = (_fn.prune_linear_in_channels, _fn.prune_conv_in_channels)
+_NORM_FNS = (_fn.prune_layernorm_out_channels, _fn.prune_batchnorm_out_channels, _fn.prune_groupnorm_out_channels)
+
+
+def _matches(fn: Any, candidates: tuple[Any, ...]) -> bool:
+    return any(fn == c for c in candidates)  # tp handlers compare with ==, not identity
+
+
+class PlatonImportance(tp.importance.GroupMagnitudeImportance):
+    """PLATON (Zhang et al., ICML 2022) as a structured Torch-Pruning importance.
+
+    Per-weight PLATON scores (``Ibar * Ubar`` of :class:`vlprune.plugins.platon.Platon`) are
+    summed over each channel's weights in every layer of a group (rows for out-channels, columns
+    for in-channels, entries for norms), then reduced over the group and normalised exactly like
+    Torch-Pruning's own magnitude / Taylor importances (``group_reduction``, ``normalizer``).
+    ID-PLATON is ``IDWeightedImportance(PlatonImportance(...), profile)``.
+
+    PLATON is stateful: call :meth:`update` after every ``loss.backward()``, and prune with
+    :meth:`step` (``imp.step(pruner)`` instead of ``pruner.step()``), which removes the pruned
+    channels from the PLATON state too, so the moving averages carry over to the smaller model.
+    (A plain ``pruner.step()`` works; the state of reshaped parameters then restarts.)
+
+    Args:
+        platon: an existing :class:`Platon` state, or None to make one from ``beta1``,
+            ``beta2``, ``delta_t``.
+        beta1 / beta2 / delta_t: PLATON's hyperparameters (paper defaults 0.85, 0.95, 10).
+        group_reduction / normalizer: as in ``tp.importance.GroupMagnitudeImportance``.
+        bias: also score biases.
+        missing: a group layer without a PLATON score yet: ``"error"`` (VLPruneError; no window
+            has closed) or ``"skip"`` (leave the layer out of the group's score).
+
+    Example:
+        >>> imp = PlatonImportance()                                                     # doctest: +SKIP
+        >>> pruner = tp.pruner.BasePruner(model, example, importance=imp, pruning_ratio=0.5,
+        ...     iterative_steps=5, iterative_pruning_ratio_scheduler=cubic_scheduler)     # doctest: +SKIP
+        >>> for step in range(total):                                                    # doctest: +SKIP
+        ...     loss = model(**batch).loss; loss.backward(); imp.update(model)
+        ...     if step in prune_at: imp.step(pruner)
+        ...     optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        platon: Platon | None = None,
+        *,
+        beta1: float = 0.85,
+        beta2: float = 0.95,
+        delta_t: int = 10,
+        group_reduction: str = "mean",
+        normalizer: str | None = "mean",
+        bias: bool = False,
+        missing: Literal["error", "skip"] = "error",
+    ) -> None:
+        super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer, bias=bias)
+        if missing not in ("error", "skip"):
+            raise VLPruneError(f"missing must be 'error' or 'skip'; got {missing!r}")
+        self.platon = platon if platon is not None else Platon(beta1=beta1, beta2=beta2, delta_t=delta_t)
+        self.missing = missing
+
+    def update(self, model: nn.Module) -> bool:
+        """Accumulate PLATON after ``loss.backward()``; True when a window closed."""
+        return self.platon.update(model.named_parameters())
+
+    def _param_score(self, name: str, shape: torch.Size) -> torch.Tensor | None:
+        if name not in self.platon.ibar:
+            if self.missing == "skip":
+                return None
+            self.platon.score(name)  # raises the explanatory VLPruneError
+        score = self.platon.score(name)
+        if score.shape != shape:
+            raise VLPruneError(
+                f"PLATON state of {name!r} has shape {tuple(score.shape)} but the parameter has {tuple(shape)}; "
+                "prune with PlatonImportance.step(pruner) so the state follows the model"
+            )
+        return score
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        names_of: Mapping[nn.Module, str] = group._DG._module2name
+        group_imp: list[torch.Tensor] = []
+        group_idxs: list[list[int]] = []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.target.module
+            fn = dep.handler
+            root_idxs = group[i].root_idxs
+            if not isinstance(layer, tuple(self.target_types)) or layer not in names_of:
+                continue
+            prefix = names_of[layer]
+            weight = getattr(layer, "weight", None)
+            if weight is None:
+                continue
+            score = self._param_score(f"{prefix}.weight", weight.shape)
+            if score is None:
+                continue
+            idx = torch.as_tensor(idxs, dtype=torch.long, device=score.device)
+            if _matches(fn, _OUT_FNS):
+                if getattr(layer, "transposed", False):
+                    score = score.transpose(0, 1)
+                local = score.flatten(1)[idx].sum(1)
+            elif _matches(fn, _IN_FNS):
+                if getattr(layer, "groups", 1) not in (1,):
+                    continue  # grouped convolutions: not scored
+                if not getattr(layer, "transposed", False):
+                    score = score.transpose(0, 1)
+                local = score.flatten(1).sum(1)[idx]
+            elif _matches(fn, _NORM_FNS):
+                local = score[idx]
+            else:
+                continue
+            group_imp.append(local)
+            group_idxs.append(root_idxs)
+            if self.bias and getattr(layer, "bias", None) is not None and not _matches(fn, _IN_FNS):
+                bias_score = self._param_score(f"{prefix}.bias", layer.bias.shape)
+                if bias_score is not None:
+                    group_imp.append(bias_score[idx])
+                    group_idxs.append(root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+    def step(self, pruner: Any) -> int:
+        """Run ``pruner.step()`` and remove the pruned channels from the PLATON state.
+
+        Returns:
+            The number of groups pruned.
+        """
+        names_of: Mapping[nn.Module, str] = pruner.DG._module2name
+        count = 0
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                layer = dep.target.module
+                name = names_of.get(layer)
+                if name is None or not idxs:
+                    continue
+                fn = dep.handler
+                if _matches(fn, _OUT_FNS) or _matches(fn, _NORM_FNS):
+                    dims = {"weight": 1 if getattr(layer, "transposed", False) else 0, "bias": 0}
+                elif _matches(fn, _IN_FNS):
+                    dims = {"weight": 0 if getattr(layer, "transposed", False) else 1}
+                elif isinstance(layer, nn.Embedding):
+                    dims = {"weight": 1}
+                else:
+                    continue
+                for attr, dim in dims.items():
+                    self.platon.remove(f"{name}.{attr}", dim, idxs)
+            group.prune()
+            count += 1
+        return count
+
+
+def cubic_scheduler(pruning_ratio: float, steps: int) -> list[float]:
+    """PLATON's cubic schedule in Torch-Pruning's scheduler form (``iterative_pruning_ratio_scheduler``):
+    the cumulative pruning ratio after each of ``steps`` pruning steps,
+    ``ratio * (1 - (1 - k / steps) ** 3)`` for k = 0..steps (fast early, gentle late).
+
+    Calling ``pruner.step()`` at the training steps given by :func:`pruning_steps` reproduces
+    :func:`vlprune.plugins.platon.cubic_schedule` at those steps."""
+    check_ratio(pruning_ratio)
+    if steps < 1:
+        raise VLPruneError(f"iterative steps must be >= 1, got {steps}")
+    return [1.0 - cubic_schedule(k, steps, 1.0, 1.0 - pruning_ratio, 0, 0.0, 0.0)[0] for k in range(steps + 1)]
+
+
+def pruning_steps(
+    total_steps: int, iterative_steps: int, warmup_steps: int = 0, initial_warmup: float = 1.0, final_warmup: float = 5.0
+) -> list[int]:
+    """The training steps at which to call the pruner's ``step()`` so that a Torch-Pruning pruner
+    with ``iterative_steps`` and :func:`cubic_scheduler` follows PLATON's cubic schedule: evenly
+    spaced over the cubic phase (after ``initial_warmup * warmup_steps`` dense steps, ending
+    ``final_warmup * warmup_steps`` steps before the end)."""
+    cubic_schedule(0, total_steps, 1.0, 1.0, warmup_steps, initial_warmup, final_warmup)  # validates
+    if iterative_steps < 1:
+        raise VLPruneError(f"iterative steps must be >= 1, got {iterative_steps}")
+    t_i = initial_warmup * warmup_steps
+    span = total_steps - t_i - final_warmup * warmup_steps
+    return [int(round(t_i + span * k / iterative_steps)) for k in range(1, iterative_steps + 1)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "vlprune.plugins.id_weighted",
     "vlprune.plugins.baselines",
+    "vlprune.plugins.platon",
 )
 
 _lock = threading.Lock()

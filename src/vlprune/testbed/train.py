@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocab_index, vocabulary, vqa
 
-__all__ = ["CHECKPOINTS", "clip_config", "llava_config", "lm_example", "llava_batch", "train_clip", "train_llava", "tune_cpu_runtime", "main"]
+__all__ = ["CHECKPOINTS", "clip_config", "llava_config", "lm_example", "llava_batch", "per_example_loss", "TASK_MIX", "train_clip", "train_llava", "tune_cpu_runtime", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +90,18 @@ def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
     return head + tail, [-100] * len(head) + tail
 
 
-def llava_batch(scenes: Sequence[Any], rng: random.Random) -> dict[str, torch.Tensor]:
-    """A training batch mixing captioning, math VQA and general VQA (a third each)."""
+#: share of captioning, math VQA and general VQA examples in a training batch
+TASK_MIX: tuple[float, float, float] = (0.2, 0.4, 0.4)
+
+
+def llava_batch(
+    scenes: Sequence[Any], rng: random.Random, mix: tuple[float, float, float] = TASK_MIX
+) -> dict[str, torch.Tensor]:
+    """A training batch mixing captioning, math VQA and general VQA (shares ``mix``)."""
     pad = vocab_index()["[PAD]"]
     ids, labels = [], []
     for scene in scenes:
-        task = rng.randrange(3)
+        task = rng.choices(range(3), weights=mix)[0]
         if task == 0:
             prompt, answer = "caption", scene.caption()
         else:
@@ -115,8 +121,26 @@ def llava_batch(scenes: Sequence[Any], rng: random.Random) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(scenes)}
 
 
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each example's labelled tokens, then over examples.
+
+    transformers' default averages over all labelled tokens of the batch, so a 17-word caption
+    outweighs a one-word answer 17 to 1; here every example weighs the same.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    counts = (labels != -100).sum(dim=1).clamp(min=1)
+    return (tokens.sum(dim=1) / counts).mean()
+
+
 def train_llava(
-    out: Path, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, clip_dir: Path | None = None
+    out: Path,
+    steps: int = 3000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    clip_dir: Path | None = None,
+    mix: tuple[float, float, float] = TASK_MIX,
 ) -> dict[str, Any]:
     """Train the testbed LLaVA (vision tower initialised from the testbed CLIP); returns the log."""
     from transformers import CLIPModel, LlavaForConditionalGeneration
@@ -129,19 +153,31 @@ def train_llava(
     if missing.unexpected_keys:
         raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
     del clip
-    log = {"model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    log = {
+        "model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "task_mix": list(mix), "loss_average": "per example",
+    }
 
     def batch(step: int) -> dict[str, torch.Tensor]:
-        return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step), rng)
+        return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step), rng, mix)
 
-    return _fit_and_save(model, batch, out, log)
+    def loss(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = inputs.pop("labels")
+        return per_example_loss(model(**inputs).logits, labels)
+
+    return _fit_and_save(model, batch, out, log, loss)
 
 
 def _fit_and_save(
-    model: torch.nn.Module, batch: Callable[[int], dict[str, torch.Tensor]], out: Path, log: dict[str, Any]
+    model: torch.nn.Module,
+    batch: Callable[[int], dict[str, torch.Tensor]],
+    out: Path,
+    log: dict[str, Any],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """AdamW with warm-up + cosine schedule and gradient clipping on ``batch(step)`` (whose model
-    output carries ``.loss``); saves the model, the tokenizer and the log to ``out``."""
+    """AdamW with warm-up + cosine schedule and gradient clipping on ``batch(step)``; the loss is
+    ``loss_fn(batch)`` or the model output's ``.loss``. Saves the model, the tokenizer and the
+    log to ``out``."""
     steps, lr = log["steps"], log["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log["loss"] = []
@@ -150,7 +186,8 @@ def _fit_and_save(
     for step in tqdm(range(steps), desc=f"train {log['model']}"):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, steps // 20, lr)
-        loss = model(**batch(step)).loss
+        inputs = batch(step)
+        loss = loss_fn(inputs) if loss_fn is not None else model(**inputs).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -220,13 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these sizes)")
+    parser.add_argument("--mix", type=float, nargs=3, default=None, metavar=("CAPTION", "MATH", "GENERAL"),
+                        help="llava: shares of the three tasks in a batch (default %s)" % (TASK_MIX,))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     parser_threads = args.threads
     tune_cpu_runtime(parser_threads)
     out = Path(args.out) if args.out else CHECKPOINTS / args.model
-    kwargs = {"steps": args.steps} if args.steps else {}
+    kwargs: dict[str, Any] = {"steps": args.steps} if args.steps else {}
+    if args.mix is not None:
+        if args.model != "llava":
+            parser.error("--mix applies to llava only")
+        kwargs["mix"] = tuple(args.mix)
     trainer = {"clip": train_clip, "llava": train_llava}[args.model]
     log = trainer(out, seed=args.seed, **kwargs)
     sys.stdout.write(f"trained {args.model} in {log['train_seconds']} s; final loss {log['loss'][-1][1]}\n")
