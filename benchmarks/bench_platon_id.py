@@ -196,10 +196,45 @@ def _modality_sparsity(model: torch.nn.Module, setup: dict[str, Any]) -> dict[st
     return {m: round(a / b, 4) for m, (a, b) in zeros.items()}
 
 
+def _layer_score_rows(setup: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per-layer sparsities from Score_l = ID_l / Comp_l + lam * Utility_l (utility = drop of the
+    mean validation VQA accuracy when the layer is zeroed), as one group per layer."""
+    from vlprune.plugins.layer_budget import layer_complexity, layer_ratios, layer_scores, layer_utility
+    from vlprune.testbed import evaluate
+
+    model = setup["model"]
+    layers = [n.removesuffix(".weight") for n in setup["names"]]
+
+    def metric(m: torch.nn.Module) -> float:
+        scores = evaluate(m, "vqa", split="val", n=100)
+        return (scores["math"] + scores["general"]) / 2
+
+    start = time.perf_counter()
+    utility = layer_utility(model, layers, metric, progress=False)
+    seconds = time.perf_counter() - start
+    complexity = layer_complexity(model, layers)
+    rows = []
+    for lam in (0.0, args.lam):
+        scores = layer_scores({n: setup["ids"][n] for n in layers}, complexity, utility if lam else None, lam=lam)
+        ratios = layer_ratios(scores, complexity, args.budget_sparsity, max_ratio=0.95)
+        row = run_one(setup, "unstructured", "platon", args.budget_sparsity, args,
+                      modality_sparsity=ratios, modality_of={n: n for n in layers})
+        row.pop("modality_sparsity", None)
+        row.pop("modality_weight_sparsity", None)
+        row["budget_rule"] = f"layer_score(lam={lam:g})"
+        row["layer_ratios"] = {k: round(v, 3) for k, v in ratios.items()}
+        row["utility"] = {k: round(v, 4) for k, v in utility.items()}
+        row["utility_seconds"] = round(seconds, 1)
+        rows.append(row)
+        sys.stdout.write(json.dumps({k: v for k, v in row.items() if k not in ("layer_ratios", "utility")}) + "\n")
+        sys.stdout.flush()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["unstructured", "structured"])
-    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
+    parser.add_argument("--criteria", nargs="*", default=list(CRITERIA))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.4, 0.6, 0.8])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -213,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", action="store_true", help="add the modality-budget comparison")
     parser.add_argument("--budget-sparsity", type=float, default=0.6)
     parser.add_argument("--budget-modes", nargs="+", default=["unstructured"])
+    parser.add_argument("--layer-score", action="store_true",
+                        help="add per-layer budgets from Score = ID/Comp + lam * Utility (utility on val VQA)")
+    parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense (unpruned, same training) reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -258,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 sys.stdout.write(json.dumps(row) + "\n")
                 sys.stdout.flush()
+    if args.layer_score:
+        rows.extend(_layer_score_rows(setup, args))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)",
         "args": vars(args), "id_summary": summary, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
