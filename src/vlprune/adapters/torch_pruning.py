@@ -209,11 +209,9 @@ class PlatonImportance(tp.importance.GroupMagnitudeImportance):
         return self.platon.update(model.named_parameters())
 
     def _param_score(self, name: str, shape: torch.Size) -> torch.Tensor | None:
-        if name not in self.platon.ibar:
-            if self.missing == "skip":
-                return None
-            self.platon.score(name)  # raises the explanatory VLPruneError
-        score = self.platon.score(name)
+        if name not in self.platon.ibar and self.missing == "skip":
+            return None
+        score = self.platon.score(name)  # raises the explanatory VLPruneError when unscored
         if score.shape != shape:
             raise VLPruneError(
                 f"PLATON state of {name!r} has shape {tuple(score.shape)} but the parameter has {tuple(shape)}; "

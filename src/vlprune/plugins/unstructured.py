@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from vlprune.errors import VLPruneError
+from vlprune.plugins.id_weighted import id_weight
 
 __all__ = ["global_masks", "weight_scores", "apply_masks", "make_permanent", "sparsity_report", "linear_weight_names"]
 
@@ -156,7 +157,7 @@ def weight_scores(
         else:
             s = torch.rand(w.shape, generator=generator).to(w.device)
         if ids is not None:
-            s = s * float(ids[name.rpartition(".")[0]])
+            s = id_weight(s, ids[name.rpartition(".")[0]])
         out[name] = s
     return out
 

@@ -224,9 +224,11 @@ class GlobalUnstructuredPruning:
         if self.platon is None:
             kwargs: dict[str, Any] = {"generator": self.generator} if self.score == "random" else {}
             return weight_scores(model, names, kind=self.score, ids=self.ids, **kwargs)
+        from vlprune.plugins.id_weighted import id_weight
+
         scores = self.platon.scores(names)
         if self.ids is not None:
-            scores = {n: s * float(self.ids[n.removesuffix(".weight")]) for n, s in scores.items()}
+            scores = {n: id_weight(s, self.ids[n.removesuffix(".weight")]) for n, s in scores.items()}
         return scores
 
     @torch.no_grad()
