@@ -112,7 +112,8 @@ def _schedule(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, args: argparse.Namespace,
-            modality_sparsity: dict[str, float] | None = None) -> dict[str, Any]:
+            modality_sparsity: dict[str, float] | None = None,
+            modality_of: dict[str, str] | None = None) -> dict[str, Any]:
     """One pruning run from a fresh copy of the testbed model."""
     import torch_pruning as tp
 
@@ -131,7 +132,7 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
     if mode == "unstructured" and (sparsity > 0 or modality_sparsity):
         unstructured = GlobalUnstructuredPruning(
             setup["names"], score, args.steps, sparsity, ids=setup["ids"] if use_id else None,
-            modality_sparsity=modality_sparsity, modality_of=setup["modality_of"] if modality_sparsity else None,
+            modality_sparsity=modality_sparsity, modality_of=(modality_of or setup["modality_of"]) if modality_sparsity else None,
             delta_t=args.delta_t, seed=args.seed, **_schedule(args),
         )
         callbacks.append(unstructured)
@@ -169,7 +170,7 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
         "weight_sparsity": round(report.get("overall", 0.0), 4), "final_loss": log["loss"][-1][1],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    if modality_sparsity:
+    if modality_sparsity and modality_of is None:
         row["modality_sparsity"] = {k: round(v, 4) for k, v in modality_sparsity.items()}
         if report:
             row["modality_weight_sparsity"] = _modality_sparsity(model, setup)

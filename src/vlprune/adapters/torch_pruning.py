@@ -28,6 +28,8 @@ from vlprune.plugins.platon import Platon, cubic_schedule
 __all__ = [
     "IDWeightedImportance",
     "PlatonImportance",
+    "AMPEntropyImportance",
+    "amp_ratio_dict",
     "cubic_scheduler",
     "pruning_steps",
     "group_layer_names",
@@ -291,6 +293,127 @@ class PlatonImportance(tp.importance.GroupMagnitudeImportance):
             group.prune()
             count += 1
         return count
+
+
+class AMPEntropyImportance(tp.importance.Importance):
+    """AMP (Shen et al., 2026) neuron importance for Torch-Pruning: groups rooted at an MLP's
+    first linear(s) (``fc1`` / ``up_proj`` / ``gate_proj``) get the AMP score of each hidden
+    neuron; every other group is skipped (``None``).
+
+    By default (``rank=True``) the score of a neuron is its rank in
+    :func:`vlprune.plugins.amp.neuron_order` (0 = least important), so ties are broken exactly as
+    :func:`vlprune.plugins.amp.search_widths` breaks them and a tp step with
+    :func:`amp_ratio_dict` removes exactly the neurons the search switched off. ``rank=False``
+    returns the raw Taylor scores (e.g. for a global ranking across layers).
+
+    The scores are one-shot: they describe the MLP widths they were computed at. Prune in one step
+    (``iterative_steps=1``); a layer whose width no longer matches raises a ``VLPruneError``.
+
+    Args:
+        scores: MLP module name -> one score per hidden neuron (:func:`vlprune.plugins.amp.neuron_importance`),
+            or None to compute them here from ``model`` and ``batches``.
+        model: the model the names refer to (required).
+        batches / tau / objective / embed: passed to ``neuron_importance`` when ``scores`` is None.
+        rank: return ranks (exact tie-breaking) instead of raw scores.
+
+    Example:
+        >>> scores = amp.neuron_importance(model, calib, tau=1 / 15)                   # doctest: +SKIP
+        >>> widths = amp.search_widths(model, scores, held_out, delta_e=1e-2, tau=1 / 15) # doctest: +SKIP
+        >>> pruner = tp.pruner.BasePruner(model, example, importance=AMPEntropyImportance(scores, model),
+        ...     pruning_ratio_dict=amp_ratio_dict(model, widths), **hf_pruner_kwargs(model, prune_heads=False))  # doctest: +SKIP
+        >>> pruner.step(); vlprune.sync_hf_model(model)                                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        scores: Mapping[str, torch.Tensor] | None = None,
+        model: nn.Module | None = None,
+        *,
+        batches: Any = None,
+        tau: float = 0.05,
+        objective: Any = "entropy",
+        embed: Any = None,
+        rank: bool = True,
+    ) -> None:
+        from vlprune.plugins import amp
+
+        if model is None:
+            raise VLPruneError("AMPEntropyImportance needs the model its MLP names refer to: AMPEntropyImportance(scores, model)")
+        if scores is None:
+            if batches is None:
+                raise VLPruneError("give AMP scores, or calibration batches to compute them: AMPEntropyImportance(model=m, batches=...)")
+            scores = amp.neuron_importance(model, batches, tau=tau, objective=objective, embed=embed)
+        layouts = amp.find_mlps(model, list(scores))
+        self.rank = rank
+        self.scores: dict[str, torch.Tensor] = {}
+        self._by_module: dict[nn.Module, tuple[str, bool]] = {}
+        for name, layout in layouts.items():
+            s = scores[name].detach().float().cpu()
+            if rank:
+                order = amp.neuron_order(s)
+                ranks = torch.empty_like(s)
+                ranks[order] = torch.arange(len(s) - 1, -1, -1, dtype=s.dtype)
+                s = ranks
+            self.scores[name] = s
+            for path in (layout.up, layout.gate):
+                if path:
+                    self._by_module[model.get_submodule(path)] = (name, True)
+            self._by_module[model.get_submodule(layout.down)] = (name, False)
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        for dep, idxs in group:
+            hit = self._by_module.get(dep.target.module)
+            if hit is None:
+                continue
+            name, is_up = hit
+            fn = dep.handler
+            if not _matches(fn, _OUT_FNS if is_up else _IN_FNS):
+                continue
+            layer = dep.target.module
+            width = layer.out_features if is_up else layer.in_features
+            if width != len(self.scores[name]):
+                raise VLPruneError(
+                    f"AMP scores of {name} are for {len(self.scores[name])} neurons but the MLP now has {width}; "
+                    "AMP importance is one-shot: prune in one step (iterative_steps=1) or recompute the scores"
+                )
+            root = torch.as_tensor(group[0].idxs, dtype=torch.long)
+            if len(idxs) != len(root):
+                continue
+            return self.scores[name][torch.as_tensor(idxs, dtype=torch.long)].clone()
+        return None
+
+
+def amp_ratio_dict(model: nn.Module, widths: Mapping[str, int]) -> dict[nn.Module, float]:
+    """Torch-Pruning's ``pruning_ratio_dict`` that leaves MLP ``name`` with exactly ``widths[name]``
+    hidden neurons (local pruning, one step).
+
+    tp keeps ``int(H * (1 - ratio))`` channels of a layer with ``H``; the ratio given is
+    ``(H - k - 0.5) / H``, so rounding lands on ``k`` exactly. MLPs keeping every neuron get no entry.
+
+    Args:
+        model: the model (its current MLP widths are ``H``).
+        widths: MLP module name -> neurons kept (``1 <= k <= H``), e.g. from ``search_widths``.
+
+    Returns:
+        First linear(s) of each MLP (``fc1`` / ``up_proj`` and ``gate_proj``) -> ratio.
+    """
+    from vlprune.plugins import amp
+
+    layouts = amp.find_mlps(model, list(widths))
+    out: dict[nn.Module, float] = {}
+    for name, k in widths.items():
+        layout = layouts[name]
+        size = int(model.get_submodule(layout.down).in_features)  # type: ignore[arg-type]
+        if not (isinstance(k, int) and 1 <= k <= size):
+            raise VLPruneError(f"width of {name} must be an integer in [1, {size}], got {k!r}")
+        if k == size:
+            continue
+        ratio = (size - k - 0.5) / size
+        for path in (layout.up, layout.gate):
+            if path:
+                out[model.get_submodule(path)] = ratio
+    return out
 
 
 def cubic_scheduler(pruning_ratio: float, steps: int) -> list[float]:

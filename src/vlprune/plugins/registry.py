@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "vlprune.plugins.id_weighted",
     "vlprune.plugins.baselines",
     "vlprune.plugins.platon",
+    "vlprune.plugins.amp",
 )
 
 _lock = threading.Lock()

@@ -57,6 +57,7 @@ from typing import Literal
 from torch import nn
 
 from vlprune.errors import ModelStructureError
+from vlprune.plugins.structure import MLPLayout, join, linear_child, mlp_layouts
 
 __all__ = [
     "Modality",
@@ -388,13 +389,8 @@ def _head_shape(model: nn.Module, name: str, module: nn.Module, q_out: int, k_ou
 _OUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection")
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _linear_child(module: nn.Module, name: str) -> nn.Linear | None:
-    child = module._modules.get(name)
-    return child if isinstance(child, nn.Linear) else None
+_join = join
+_linear_child = linear_child
 
 
 def _declared_head_attr(module: nn.Module) -> int | None:
@@ -422,23 +418,6 @@ class AttentionLayout:
     v: str
     o: str | None
     fused: bool = False
-
-
-@dataclass(frozen=True)
-class MLPLayout:
-    """Where one MLP's linears are.
-
-    Attributes:
-        name: path of the module that contains the MLP.
-        up: path of the first linear (``fc1`` / ``up_proj`` / ``intermediate.dense``).
-        down: path of the second linear (``fc2`` / ``down_proj`` / ``output.dense``).
-        gate: path of the gate linear of a gated MLP, else ``None``.
-    """
-
-    name: str
-    up: str
-    down: str
-    gate: str | None = None
 
 
 def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
@@ -473,36 +452,6 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
                 out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
                 qkv = _join(name, "qkv")
                 found.append(AttentionLayout(name, qkv, qkv, qkv, out, fused=True))
-    return found
-
-
-def mlp_layouts(model: nn.Module) -> list[MLPLayout]:
-    """Where the two (optionally gated) linears of every MLP are, from names alone.
-
-    Args:
-        model: any ``nn.Module``.
-
-    Returns:
-        One :class:`MLPLayout` per MLP, in module order.
-
-    Example:
-        >>> from vlprune.testbed.tiny import tiny_model
-        >>> mlp_layouts(tiny_model("llava"))[-1].gate
-        'model.language_model.layers.1.mlp.gate_proj'
-    """
-    found: list[MLPLayout] = []
-    for name, module in model.named_modules():
-        if _linear_child(module, "fc1") is not None and _linear_child(module, "fc2") is not None:
-            found.append(MLPLayout(name, _join(name, "fc1"), _join(name, "fc2")))
-        elif _linear_child(module, "up_proj") is not None and _linear_child(module, "down_proj") is not None:
-            gate = _join(name, "gate_proj") if _linear_child(module, "gate_proj") is not None else None
-            found.append(MLPLayout(name, _join(name, "up_proj"), _join(name, "down_proj"), gate))
-        else:
-            inter, out = module._modules.get("intermediate"), module._modules.get("output")
-            if inter is not None and out is not None:
-                up, down = _linear_child(inter, "dense"), _linear_child(out, "dense")
-                if up is not None and down is not None:
-                    found.append(MLPLayout(name, _join(name, "intermediate.dense"), _join(name, "output.dense")))
     return found
 
 
