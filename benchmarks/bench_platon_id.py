@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-score", action="store_true",
                         help="add per-layer budgets from Score = ID/Comp + lam * Utility (utility on val VQA)")
     parser.add_argument("--lam", type=float, default=1.0)
+    parser.add_argument("--single-modality", action="store_true",
+                        help="add runs that prune one modality only (vision / fusion / language) at --budget-sparsity")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense (unpruned, same training) reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -294,6 +296,16 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.budget_modes:
                 row = run_one(setup, mode, "platon", args.budget_sparsity, args, modality_sparsity=budgets)
                 row["budget_rule"] = rule
+                rows.append(row)
+                sys.stdout.write(json.dumps(row) + "\n")
+                sys.stdout.flush()
+    if args.single_modality:
+        present = sorted(set(setup["modality_of"].values()))
+        for only in present:
+            budgets = {m: (args.budget_sparsity if m == only else 0.0) for m in present}
+            for mode in args.budget_modes:
+                row = run_one(setup, mode, "platon", args.budget_sparsity, args, modality_sparsity=budgets)
+                row["budget_rule"] = f"only_{only}"
                 rows.append(row)
                 sys.stdout.write(json.dumps(row) + "\n")
                 sys.stdout.flush()
