@@ -55,6 +55,7 @@ __all__ = [
     "entropy_objective",
     "onehot_objective",
     "default_embedding",
+    "pooled_embedding",
     "batch_objective",
     "find_mlps",
     "neuron_importance",
@@ -140,7 +141,7 @@ def onehot_objective(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tau:
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def _pooled(out: Any) -> torch.Tensor | None:
+def pooled_embedding(out: Any) -> torch.Tensor | None:
     """One ``(B, D)`` embedding from a model output: a tensor, ``image_embeds``, ``pooler_output``
     (a list of per-image token sets is mean-pooled), else the first token of ``last_hidden_state``."""
     if isinstance(out, torch.Tensor):
@@ -150,7 +151,7 @@ def _pooled(out: Any) -> torch.Tensor | None:
         if value is None and isinstance(out, Mapping):
             value = out.get(key)
         if isinstance(value, torch.Tensor):
-            return _pooled(value)
+            return pooled_embedding(value)
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
             return torch.stack([v.reshape(-1, v.shape[-1]).mean(dim=0) for v in value])
     hidden = getattr(out, "last_hidden_state", None)
@@ -175,7 +176,7 @@ def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
         out = model.get_image_features(pixel_values=batch["pixel_values"].to(device))
     else:
         out = call_model(model, batch)
-    z = _pooled(out)
+    z = pooled_embedding(out)
     if z is None:
         raise ModelStructureError(
             f"{type(model).__name__} outputs no embedding AMP's objective can use (no image features, "
@@ -219,7 +220,7 @@ def batch_objective(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
                 )
-            return onehot_objective(embed_fn(model, batch), _pooled(text), tau)  # type: ignore[arg-type]
+            return onehot_objective(embed_fn(model, batch), pooled_embedding(text), tau)  # type: ignore[arg-type]
 
         return onehot
     raise VLPruneError(f"objective must be 'entropy', 'onehot' or a callable, got {objective!r}")

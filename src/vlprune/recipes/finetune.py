@@ -75,6 +75,10 @@ def train_loop(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     log_every: int = 10,
+    start_step: int = 0,
+    optimizer_state: Mapping[str, Any] | None = None,
+    after_step: Callable[[int, torch.optim.Optimizer, dict[str, Any]], None] | None = None,
+    desc: str = "fine-tune",
 ) -> dict[str, Any]:
     """Fine-tune ``model`` for ``steps`` steps, calling ``callbacks`` after every backward.
 
@@ -89,12 +93,18 @@ def train_loop(
             (parameters replaced, e.g. structured pruning) the optimizer is rebuilt.
         progress: show a tqdm bar.
         log_every: record the loss every this many steps.
+        start_step: resume at this step (the schedule continues from there).
+        optimizer_state: an AdamW ``state_dict()`` to resume from.
+        after_step: ``after_step(step, optimizer, log)`` after each optimizer step (checkpoints).
+        desc: progress-bar label.
 
     Returns:
         ``{"loss": [[step, loss], ...], "seconds": wall time}``.
     """
     if steps < 1:
         raise VLPruneError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start_step <= steps:
+        raise VLPruneError(f"start_step must be in [0, {steps}], got {start_step}")
 
     def make_optimizer() -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -103,10 +113,13 @@ def train_loop(
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     optimizer = make_optimizer()
+    if optimizer_state is not None:
+        optimizer.load_state_dict(dict(optimizer_state))
     log: dict[str, Any] = {"loss": []}
     start = time.perf_counter()
     model.train()
-    for step in tqdm(range(steps), desc="fine-tune", disable=not progress, leave=False):
+    for step in tqdm(range(start_step, steps), desc=desc, disable=not progress, leave=False,
+                     initial=start_step, total=steps):
         batch = batches(step)
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         if loss is None or not torch.is_tensor(loss) or loss.dim() != 0:
@@ -127,6 +140,8 @@ def train_loop(
             value = float(loss.detach())
             log["loss"].append([step, round(value, 5)])
             logger.debug("step %d loss %.4f", step, value)
+        if after_step is not None:
+            after_step(step, optimizer, log)
     model.eval()
     log["seconds"] = round(time.perf_counter() - start, 2)
     return log

@@ -1,0 +1,245 @@
+"""Knowledge distillation after pruning: teacher = the unpruned model, student = the pruned one.
+
+AMP's recovery step (METHODS.md section 3), reused by every recipe: labels are never used. The loss
+is a weighted sum of
+
+* ``MSE(student embedding, teacher embedding)`` — the final (pooled / projected) embedding;
+* ``MSE(student tokens, teacher tokens)`` — the patch tokens (last hidden state);
+* optionally ``T^2 * KL(softmax(teacher logits / T) || softmax(student logits / T))`` for generative
+  models (``logit_weight > 0``; positions where ``attention_mask`` is 0 are left out).
+
+What "embedding", "tokens" and "logits" are comes from ``features(model, batch)``; the default
+(:func:`default_features`) knows CLIP / SigLIP / BLIP / LLaVA (``get_image_features``: pooled or
+projected image features and the vision tower's last hidden state) and plain towers
+(``pooler_output`` / first token and ``last_hidden_state``).
+
+Training is :func:`vlprune.recipes.finetune.train_loop` (AdamW, warm-up + cosine, clipping, tqdm).
+With ``checkpoint=<dir>`` the student, the optimizer and the step are saved every ``save_every``
+steps (atomically) and a later call with the same directory resumes where it stopped.
+
+Example:
+    >>> from vlprune.recipes.distill import distill                              # doctest: +SKIP
+    >>> log = distill(pruned, original, lambda step: {"pixel_values": images(step)}, steps=300,
+    ...               lr=1e-4, checkpoint="out/distill")                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlprune.errors import ModelStructureError, VLPruneError
+from vlprune.plugins.amp import pooled_embedding
+from vlprune.plugins.capture import call_model, preserved_mode
+from vlprune.recipes.finetune import train_loop
+
+__all__ = ["default_features", "distill_loss", "distill"]
+
+logger = logging.getLogger(__name__)
+
+FeatureFn = Callable[[nn.Module, Mapping[str, Any]], dict[str, torch.Tensor]]
+_STATE = "distill_state.pt"
+
+
+def default_features(model: nn.Module, batch: Mapping[str, Any], logits: bool = False) -> dict[str, torch.Tensor]:
+    """``{"embed": (B, D), "tokens": (B, T, D)[, "logits": (B, L, V)]}`` of a model on a batch.
+
+    * with ``pixel_values`` and ``get_image_features`` (CLIP, SigLIP, BLIP, LLaVA): the image
+      features (LLaVA: projected visual tokens, mean-pooled) and the vision tower's
+      ``last_hidden_state``; with ``logits=True`` the full forward's ``logits`` as well;
+    * otherwise ``model(**batch)``: ``pooler_output`` (else the first token) and ``last_hidden_state``.
+
+    Raises:
+        ModelStructureError: nothing usable in the outputs (pass ``features=`` then).
+    """
+    out: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    full = None
+    if "pixel_values" in batch and hasattr(model, "get_image_features"):
+        image = model.get_image_features(pixel_values=batch["pixel_values"].to(device))
+        embed = pooled_embedding(image)
+        hidden = getattr(image, "last_hidden_state", None)
+    else:
+        full = call_model(model, batch)
+        embed = pooled_embedding(full)
+        hidden = getattr(full, "last_hidden_state", None)
+    if embed is not None:
+        out["embed"] = embed
+    if isinstance(hidden, torch.Tensor):
+        out["tokens"] = hidden
+    if logits:
+        if full is None:
+            full = call_model(model, {k: v for k, v in batch.items() if k != "labels"})
+        value = getattr(full, "logits", None)
+        if isinstance(value, torch.Tensor):
+            out["logits"] = value
+    if not out:
+        raise ModelStructureError(
+            f"{type(model).__name__} gives no embedding, tokens or logits to distil; pass features=lambda model, batch: {{...}}"
+        )
+    return out
+
+
+def distill_loss(
+    student: Mapping[str, torch.Tensor],
+    teacher: Mapping[str, torch.Tensor],
+    *,
+    embed_weight: float = 1.0,
+    token_weight: float = 1.0,
+    logit_weight: float = 0.0,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The distillation loss terms and their weighted ``total``.
+
+    Args:
+        student / teacher: feature dicts (``embed``, ``tokens``, ``logits``); a term is used when its
+            weight is > 0 and both sides have it.
+        embed_weight / token_weight / logit_weight: weights of the three terms.
+        temperature: softmax temperature of the logit KL.
+        mask: ``(B, L)`` 1 for the logit positions to use (e.g. ``attention_mask``).
+
+    Returns:
+        ``{"embed": ..., "tokens": ..., "logits": ..., "total": ...}`` (only the terms used).
+
+    Raises:
+        VLPruneError: no term usable, or student / teacher shapes differ.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    for key, weight in (("embed", embed_weight), ("tokens", token_weight), ("logits", logit_weight)):
+        if weight <= 0 or key not in student or key not in teacher:
+            continue
+        s, t = student[key], teacher[key].detach()
+        if s.shape != t.shape:
+            raise VLPruneError(
+                f"student and teacher {key} differ in shape: {tuple(s.shape)} vs {tuple(t.shape)}; distillation "
+                "needs the pruned model to keep its output widths (prune hidden neurons / heads, not the residual width)"
+            )
+        if key == "logits":
+            logp_s = F.log_softmax(s.float() / temperature, dim=-1)
+            logp_t = F.log_softmax(t.float() / temperature, dim=-1)
+            kl = (logp_t.exp() * (logp_t - logp_s)).sum(dim=-1)
+            if mask is not None and mask.shape == kl.shape:
+                m = mask.to(kl.dtype)
+                kl = (kl * m).sum() / m.sum().clamp_min(1.0)
+            else:
+                kl = kl.mean()
+            terms[key] = kl * temperature**2
+        else:
+            terms[key] = F.mse_loss(s.float(), t.float())
+    if not terms:
+        raise VLPruneError(
+            "no distillation term is usable: the weights are 0 or the features lack embed / tokens / logits"
+        )
+    weights = {"embed": embed_weight, "tokens": token_weight, "logits": logit_weight}
+    terms["total"] = sum(weights[k] * v for k, v in terms.items())  # type: ignore[assignment]
+    return terms
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Callable[[int], Mapping[str, Any]],
+    steps: int,
+    *,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    warmup: int = 0,
+    clip_grad: float | None = 1.0,
+    embed_weight: float = 1.0,
+    token_weight: float = 1.0,
+    logit_weight: float = 0.0,
+    temperature: float = 1.0,
+    features: FeatureFn | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    save_every: int = 50,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distil ``teacher`` into ``student`` (in place) for ``steps`` steps; labels are never used.
+
+    Args:
+        student: the pruned model (trained; left in eval mode).
+        teacher: the unpruned model (frozen: eval mode, no gradients, unchanged).
+        batches: ``batches(step)`` -> model inputs (``labels``, if present, are ignored).
+        steps: total optimizer steps (a resumed run continues up to the same total).
+        lr / weight_decay / warmup / clip_grad: AdamW with warm-up + cosine, as in ``train_loop``.
+        embed_weight / token_weight / logit_weight / temperature: see :func:`distill_loss`.
+        features: ``features(model, batch) -> {"embed", "tokens", "logits"}``; default
+            :func:`default_features` (logits only computed when ``logit_weight > 0``).
+        checkpoint: directory for ``distill_state.pt``; if it holds a state, training resumes.
+        save_every: save the state every this many steps (and at the end).
+        progress: tqdm bar.
+
+    Returns:
+        ``train_loop``'s log (``loss``, ``seconds``) plus ``start_step`` and ``terms`` (the last
+        step's loss terms).
+
+    Raises:
+        VLPruneError: bad arguments, a checkpoint of another model, mismatched feature shapes.
+    """
+    if steps < 1:
+        raise VLPruneError(f"steps must be >= 1, got {steps}")
+    if save_every < 1:
+        raise VLPruneError(f"save_every must be >= 1, got {save_every}")
+    if student is teacher:
+        raise VLPruneError("student and teacher are the same object: distil a pruned copy from the original")
+    feature_fn = features or (lambda m, b: default_features(m, b, logits=logit_weight > 0))
+    path = Path(checkpoint) / _STATE if checkpoint is not None else None
+    start, optimizer_state = 0, None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            student.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise VLPruneError(f"the distillation checkpoint {path} belongs to a model of other shapes: {err}") from err
+        start, optimizer_state = int(state["step"]) + 1, state["optimizer"]
+        logger.info("distillation resumes at step %d of %d from %s", start, steps, path)
+    last_terms: dict[str, float] = {}
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            target = feature_fn(teacher, inputs)
+        terms = distill_loss(
+            feature_fn(model, inputs), target, embed_weight=embed_weight, token_weight=token_weight,
+            logit_weight=logit_weight, temperature=temperature, mask=inputs.get("attention_mask"),
+        )
+        last_terms.clear()
+        last_terms.update({k: float(v.detach()) for k, v in terms.items()})
+        return terms["total"]
+
+    def save(step: int, optimizer: torch.optim.Optimizer, _log: dict[str, Any]) -> None:
+        if path is None or ((step + 1) % save_every and step != steps - 1):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+        os.replace(tmp, path)
+
+    teacher_flags = [p.requires_grad for p in teacher.parameters()]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    try:
+        if start >= steps:
+            log: dict[str, Any] = {"loss": [], "seconds": 0.0}
+        else:
+            with preserved_mode(teacher, training=False):
+                log = train_loop(
+                    student, batches, steps, lr=lr, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad,
+                    loss_fn=loss_fn, progress=progress, start_step=start, optimizer_state=optimizer_state,
+                    after_step=save, desc="distill",
+                )
+    finally:
+        for p, flag in zip(teacher.parameters(), teacher_flags):
+            p.requires_grad_(flag)
+    student.eval()
+    log["start_step"] = start
+    log["terms"] = dict(last_terms)
+    return log
