@@ -149,3 +149,76 @@ def test_nothing_to_prune_is_a_clear_error() -> None:
     model = tiny_model("vit")
     with pytest.raises(ModelStructureError, match="nothing to prune"):
         hf_pruner_kwargs(model, modalities=("language",))
+
+
+class _LowFirstLayer(tp.importance.Importance):
+    """Magnitude, but every channel of the first attention scores lowest: global head ranking
+    would take all of its heads."""
+
+    def __init__(self, first: torch.nn.Module) -> None:
+        self.base, self.first = tp.importance.GroupMagnitudeImportance(), first
+
+    def __call__(self, group: object) -> torch.Tensor | None:
+        imp = self.base(group)
+        if imp is not None and any(dep.target.module is self.first for dep, _ in group):  # type: ignore[attr-defined]
+            return torch.rand(len(imp)) * 1e-6
+        return imp
+
+
+def test_keep_heads_prevents_emptying_an_attention() -> None:
+    from vlprune.adapters.hf.families import describe
+    from vlprune.adapters.torch_pruning import KeepHeads
+
+    def build() -> tuple[torch.nn.Module, dict[str, object], list[object]]:
+        model = tiny_model("vit")
+        atts = [a for a in describe(model).attentions if not a.fused and a.num_heads > 1]
+        return model, hf_pruner_kwargs(model, prune_mlp=False), atts
+
+    example = example_inputs("vit", batch_size=2)
+    model, kw, atts = build()
+    heads = atts[0].num_heads
+    first_q = model.get_submodule(atts[0].q)
+    ratio = heads / sum(a.num_heads for a in atts)  # exactly the first layer's share
+    bare = tp.pruner.BasePruner(model, example, importance=_LowFirstLayer(first_q), pruning_ratio=ratio,
+                                head_pruning_ratio=ratio, global_pruning=True, iterative_steps=2, **kw)
+    bare.step()
+    bare.step()
+    # the failure the wrapper exists for: tp drops every head of the first attention from its head
+    # bookkeeping, then refuses to empty the layer, so head count and width disagree (a later
+    # step divides by the zero head count)
+    assert bare.num_heads[first_q] <= 0 < first_q.out_features
+
+    model, kw, atts = build()
+    first_q = model.get_submodule(atts[0].q)
+    guarded = KeepHeads(_LowFirstLayer(first_q), kw["num_heads"])
+    pruner = tp.pruner.BasePruner(model, example, importance=guarded, pruning_ratio=ratio,
+                                  head_pruning_ratio=ratio, global_pruning=True, iterative_steps=2, **kw)
+    head_dim = atts[0].head_dim
+    for _ in range(2):
+        pruner.step()
+        assert first_q.out_features == head_dim * pruner.num_heads[first_q] >= head_dim
+    assert first_q.out_features == head_dim  # one head left in the first attention
+    total_left = sum(model.get_submodule(a.q).out_features // head_dim for a in atts)
+    assert total_left == sum(a.num_heads for a in atts) - heads  # the head budget is still met
+    vlprune.sync_hf_model(model, pruned="heads")
+    model(**example)
+
+
+def test_keep_heads_bad_input() -> None:
+    from vlprune.adapters.torch_pruning import KeepHeads
+
+    with pytest.raises(VLPruneError, match="min_heads"):
+        KeepHeads(tp.importance.GroupMagnitudeImportance(), {}, min_heads=0)
+    with pytest.raises(VLPruneError, match="heads"):
+        KeepHeads(tp.importance.GroupMagnitudeImportance(), {torch.nn.Linear(4, 6): 4})
+
+
+def test_prune_hf_model_min_heads() -> None:
+    model = tiny_model("vit")
+    atts = [a for a in describe(model).attentions if not a.fused and a.num_heads > 1]
+    first_q = model.get_submodule(atts[0].q)
+    ratio = atts[0].num_heads / sum(a.num_heads for a in atts)
+    prune_hf_model(model, example_inputs("vit", batch_size=2), _LowFirstLayer(first_q), ratio,
+                   prune_mlp=False, min_heads=2)
+    assert first_q.out_features == 2 * atts[0].head_dim
+    model(**example_inputs("vit", batch_size=2))

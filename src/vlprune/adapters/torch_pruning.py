@@ -29,6 +29,7 @@ __all__ = [
     "IDWeightedImportance",
     "PlatonImportance",
     "AMPEntropyImportance",
+    "KeepHeads",
     "amp_ratio_dict",
     "cubic_scheduler",
     "pruning_steps",
@@ -554,6 +555,69 @@ def _restore(snap: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[st
             attrs["__config_state__"] = config_state
 
 
+class KeepHeads(tp.importance.Importance):
+    """Wrap any tp importance so that global head pruning keeps at least ``min_heads`` heads in
+    every attention.
+
+    Torch-Pruning 1.6's global head ranking removes every head whose mean importance falls under
+    one global threshold, with no per-layer floor: at high ratios it can empty a layer, and the
+    next step then fails (division by zero). This wrapper lifts the ``min_heads`` most important
+    heads of each attention group to a huge score (``1e30``), so they are never under the
+    threshold; all other scores are the base importance's, unchanged.
+
+    Caveat: in global mode Torch-Pruning ranks attention channels together with MLP channels even
+    when head dims are not pruned (``prune_head_dims=False``), so lifting a head also shifts the
+    global MLP ranking slightly (the lifted channels no longer take places at the bottom).
+
+    Args:
+        base: the importance to wrap (any ``tp.importance.Importance``).
+        num_heads: q/k/v linear -> head count at construction (``hf_pruner_kwargs(model)["num_heads"]``);
+            the current count is read off the layer's width (head dims are never pruned).
+        min_heads: heads each attention keeps, >= 1.
+
+    Example:
+        >>> kw = hf_pruner_kwargs(model)                                                  # doctest: +SKIP
+        >>> imp = KeepHeads(tp.importance.GroupTaylorImportance(), kw["num_heads"])        # doctest: +SKIP
+        >>> tp.pruner.BasePruner(model, example, importance=imp, pruning_ratio=0.6, global_pruning=True, **kw)  # doctest: +SKIP
+    """
+
+    LIFT = 1e30
+
+    def __init__(self, base: tp.importance.Importance, num_heads: Mapping[nn.Module, int], min_heads: int = 1) -> None:
+        if not (isinstance(min_heads, int) and min_heads >= 1):
+            raise VLPruneError(f"min_heads must be an integer >= 1, got {min_heads!r}")
+        self.base = base
+        self.min_heads = min_heads
+        self.head_dim: dict[nn.Module, int] = {}
+        for module, heads in num_heads.items():
+            width = int(getattr(module, "out_features", 0))
+            if heads < 1 or width % heads:
+                raise VLPruneError(f"{type(module).__name__} with {width} outputs cannot hold {heads} heads")
+            self.head_dim[module] = width // heads
+
+    def __getattr__(self, name: str) -> Any:  # update() / step() of stateful bases
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        imp = self.base(group)
+        if imp is None:
+            return None
+        for dep, _ in group:
+            module = dep.target.module
+            if module in self.head_dim and _matches(dep.handler, _OUT_FNS):
+                heads = int(module.out_features) // self.head_dim[module]
+                if heads <= 0 or len(imp) % heads:
+                    return imp
+                per_head = imp.view(heads, -1)
+                keep = torch.argsort(per_head.mean(dim=1), descending=True, stable=True)[: self.min_heads]
+                lifted = per_head.clone()
+                lifted[keep] = self.LIFT
+                return lifted.view(-1)
+        return imp
+
+
 def prune_hf_model(
     model: nn.Module,
     example_inputs: Any,
@@ -567,6 +631,7 @@ def prune_hf_model(
     modalities: tuple[str, ...] | None = None,
     pruning_ratio_dict: dict[nn.Module, float] | None = None,
     ignored_layers: list[nn.Module] | tuple[nn.Module, ...] = (),
+    min_heads: int | None = None,
 ) -> dict[str, dict[str, int]]:
     """Prune a transformers model's MLP neurons and attention heads with Torch-Pruning, in one call.
 
@@ -583,6 +648,8 @@ def prune_hf_model(
         head_pruning_ratio: fraction of heads removed (default: ``pruning_ratio``).
         global_pruning: rank all groups together (right for heads; Torch-Pruning's local mode
             over-removes heads when iterated).
+        min_heads: in global mode, wrap ``importance`` in :class:`KeepHeads` so every attention
+            keeps at least this many heads (None: Torch-Pruning's own ranking, which can empty a layer).
         prune_heads / prune_mlp / modalities / ignored_layers: see :func:`hf_pruner_kwargs`.
         pruning_ratio_dict: per-module ratios (tp's ``pruning_ratio_dict``).
 
@@ -603,6 +670,8 @@ def prune_hf_model(
     )
     if not isinstance(example_inputs, dict):
         raise VLPruneError("example_inputs must be a dict of tensors, as passed to model(**example_inputs)")
+    if min_heads is not None and kwargs["prune_num_heads"] and global_pruning and not isinstance(importance, KeepHeads):
+        importance = KeepHeads(importance, kwargs["num_heads"], min_heads=min_heads)
     snap = _snapshot(model)
     try:
         pruner = tp.pruner.BasePruner(
