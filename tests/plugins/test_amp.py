@@ -197,6 +197,17 @@ def test_neuron_importance_bad_input() -> None:
         amp.neuron_importance(NoEmbedding(), [torch.randn(3, 4)], progress=False)
 
 
+@pytest.mark.parametrize("family", ["vit", "blip", "dinov2", "llava", "vilt"])
+def test_importance_and_search_on_model_families(family: str) -> None:
+    model = tiny_model(family)
+    batches = [example_inputs(family, batch_size=4, seed=i) for i in range(2)]
+    scores = amp.neuron_importance(model, batches, progress=False)
+    assert scores and all(s.numel() == model.get_submodule(amp.find_mlps(model)[n].down).in_features
+                          for n, s in scores.items())
+    widths = amp.search_widths(model, scores, batches, 0.01, progress=False)
+    assert set(widths) == set(scores)
+
+
 def test_onehot_objective_scores_image_tower_only() -> None:
     model = tiny_model("clip")
     batches = [example_inputs("clip", batch_size=4, seed=i) for i in range(2)]

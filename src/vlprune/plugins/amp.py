@@ -166,7 +166,8 @@ def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
     * a model with ``get_image_features`` and a batch with ``pixel_values`` (CLIP, SigLIP, BLIP,
       LLaVA): the image features (LLaVA: the projected visual tokens, mean-pooled per image);
     * otherwise ``model(**batch)``: ``image_embeds``, else ``pooler_output``, else the first token of
-      ``last_hidden_state`` (ViT / DINOv2 / a bare vision tower).
+      ``last_hidden_state`` (ViT / DINOv2 / a bare vision tower); a model with a task head and
+      nothing of these (``ViTForImageClassification``) is read through its ``base_model``.
 
     Raises:
         ModelStructureError: the model gives no ``(B, D)`` embedding; pass ``embed=`` then.
@@ -177,6 +178,10 @@ def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
     else:
         out = call_model(model, batch)
     z = pooled_embedding(out)
+    base = getattr(model, "base_model", model)
+    if z is None and isinstance(base, nn.Module) and base is not model:  # task heads: use the backbone
+        inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, Mapping) else batch
+        z = pooled_embedding(call_model(base, inputs))
     if z is None:
         raise ModelStructureError(
             f"{type(model).__name__} outputs no embedding AMP's objective can use (no image features, "
