@@ -23,3 +23,15 @@ def test_testbed_llava_answers_and_captions() -> None:
     assert vqa["math"] > 0.5 and vqa["general"] > 0.6
     caption = evaluate(model, "caption", n=200)
     assert caption["cider"] > 0.8 and caption["bleu4"] > 0.8
+
+
+@pytest.mark.slow
+def test_testbed_blip_captions() -> None:
+    model = load("blip")
+    caption = evaluate(model, "caption", n=200)
+    assert caption["cider"] > 0.8 and caption["bleu4"] > 0.8
+    assert evaluate(model, "caption", n=200) == caption
+    from vlprune import VLPruneError
+
+    with pytest.raises(VLPruneError, match="captioner"):
+        evaluate(model, "vqa", n=10)

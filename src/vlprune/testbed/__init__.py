@@ -18,7 +18,11 @@ from vlprune.testbed.evaluate import TASKS, evaluate
 __all__ = ["CHECKPOINTS", "MODELS", "TASKS", "load", "evaluate", "checkpoint_dir"]
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
-MODELS: dict[str, str] = {"clip": "CLIPModel", "llava": "LlavaForConditionalGeneration"}
+MODELS: dict[str, str] = {
+    "clip": "CLIPModel",
+    "llava": "LlavaForConditionalGeneration",
+    "blip": "BlipForConditionalGeneration",
+}
 
 
 def checkpoint_dir(name: str) -> Path:

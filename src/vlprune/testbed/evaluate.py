@@ -5,7 +5,8 @@ sampling):
 
 * ``"vqa"`` (LLaVA-style generative models): exact-match accuracy of the greedy answer per domain,
   ``math`` and ``general``, on ``n`` test scenes each;
-* ``"caption"`` (generative): ``bleu4`` and ``cider`` of greedy captions against the generated
+* ``"caption"`` (generative: the LLaVA with the prompt "caption", or the BLIP captioner from the
+  image alone): ``bleu4`` and ``cider`` of greedy captions against the generated
   reference caption, with pycocoevalcap's ``Bleu`` and ``Cider`` scorers (CIDEr is reported
   divided by 10 so that it lies in [0, 1], like the other numbers: a perfect caption scores 1.0);
 * ``"retrieval"`` (CLIP-style dual encoders): ``i2t_r1`` / ``t2i_r1``, recall@1 of image-to-caption
@@ -30,7 +31,7 @@ from vlprune.errors import VLPruneError
 from vlprune.plugins.capture import preserved_mode
 from vlprune.testbed.data import DIGIT_WORDS, build_tokenizer, make_scenes, pixel_values, vocab_index
 
-__all__ = ["TASKS", "evaluate", "retrieval", "vqa_accuracy", "caption_scores", "generate_answers"]
+__all__ = ["TASKS", "evaluate", "retrieval", "vqa_accuracy", "caption_scores", "generate_answers", "generate_captions"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,32 @@ def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], ma
     return answers
 
 
+@torch.no_grad()
+def generate_captions(model: nn.Module, scenes: list[Any], max_new_tokens: int = 20, batch_size: int = 100) -> list[str]:
+    """Greedy captions of a testbed BLIP (``generate(pixel_values)``: starts at ``[BOS]``, stops at ``[SEP]``)."""
+    vocab = vocab_index()
+    words = {i: w for w, i in vocab.items()}
+    stop = {vocab["[SEP]"], vocab["[PAD]"], vocab["[EOS]"]}
+    device = _device(model)
+    captions: list[str] = []
+    with preserved_mode(model, training=False):
+        for start in range(0, len(scenes), batch_size):
+            chunk = scenes[start : start + batch_size]
+            out = model.generate(pixel_values=pixel_values(chunk).to(device), max_new_tokens=max_new_tokens, do_sample=False)
+            for row in out.tolist():
+                tokens = []
+                for t in row[1:]:  # row[0] is [BOS]
+                    if t in stop:
+                        break
+                    tokens.append(words.get(t, "[UNK]"))
+                captions.append(" ".join(tokens))
+    return captions
+
+
+def _is_blip_captioner(model: nn.Module) -> bool:
+    return hasattr(model, "text_decoder") and hasattr(model, "vision_model") and hasattr(model, "generate")
+
+
 def vqa_accuracy(model: nn.Module, split: str = "test", n: int = 300) -> dict[str, float]:
     """Exact-match VQA accuracy per domain on ``n`` scenes each."""
     import random
@@ -133,7 +160,10 @@ def caption_scores(model: nn.Module, split: str = "test", n: int = 300) -> dict[
     from pycocoevalcap.cider.cider import Cider
 
     scenes = make_scenes(split, n, seed=_EVAL_SEED + 3)  # type: ignore[arg-type]
-    captions = generate_answers(model, scenes, ["caption"] * n, max_new_tokens=17)
+    if _is_blip_captioner(model):
+        captions = generate_captions(model, scenes, max_new_tokens=20)
+    else:
+        captions = generate_answers(model, scenes, ["caption"] * n, max_new_tokens=17)
     refs = {i: [s.caption()] for i, s in enumerate(scenes)}
     hyps = {i: [c if c else "[EMPTY]"] for i, c in enumerate(captions)}
     bleu = Bleu(4).compute_score(refs, hyps, verbose=0)[0][3]
@@ -155,6 +185,8 @@ def evaluate(model: nn.Module, task: str, split: str = "test", **kwargs: Any) ->
     """
     if task == "retrieval":
         return retrieval(model, split, **kwargs)
+    if task == "vqa" and _is_blip_captioner(model):
+        raise VLPruneError("the testbed BLIP is a captioner: evaluate it with task 'caption'")
     if task in ("vqa", "caption"):
         if not hasattr(model, "generate"):
             raise VLPruneError(f"task {task!r} needs a generative model (LLaVA-like), got {type(model).__name__}")

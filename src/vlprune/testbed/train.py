@@ -78,6 +78,42 @@ def llava_config(vision_config: Any | None = None) -> Any:
     )
 
 
+def blip_config() -> Any:
+    """The testbed BLIP captioner: a 4-layer ViT on 56 px scenes (as the CLIP tower) and a 3-layer
+    BERT-style text decoder with cross-attention to the image tokens."""
+    from transformers import BlipConfig
+
+    vocab = vocabulary()
+    ids = {k: vocab.index(v) for k, v in (("bos", "[BOS]"), ("eos", "[EOS]"), ("pad", "[PAD]"), ("sep", "[SEP]"))}
+    return BlipConfig(
+        vision_config=dict(
+            hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=14,
+        ),
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+            num_attention_heads=4, encoder_hidden_size=96, max_position_embeddings=MAX_TEXT,
+            bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], sep_token_id=ids["sep"],
+        ),
+        projection_dim=64,
+    )
+
+
+def blip_batch(scenes: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Captioning batch for the testbed BLIP: ``[BOS] caption [SEP]`` (BLIP stops at ``[SEP]``),
+    labels = the ids with padding set to -100 (the decoder shifts them itself)."""
+    vocab = vocab_index()
+    rows = [[vocab["[BOS]"], *(vocab[w] for w in s.caption().split()), vocab["[SEP]"]] for s in scenes]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), vocab["[PAD]"])
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return {"pixel_values": pixel_values(scenes), "input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
 def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
     """Token ids and labels of one LLaVA example: ``[BOS] <image>*16 prompt [SEP] answer [EOS]``;
     labels are -100 except on the answer and [EOS]. With ``answer=None`` only the prompt part
@@ -92,6 +128,8 @@ def lm_example(prompt: str, answer: str | None) -> tuple[list[int], list[int]]:
 
 #: share of captioning, math VQA and general VQA examples in a training batch
 TASK_MIX: tuple[float, float, float] = (0.2, 0.4, 0.4)
+#: task mix of the LLaVA's second (VQA) stage: caption, math, general
+VQA_STAGE_MIX: tuple[float, float, float] = (0.05, 0.25, 0.7)
 
 
 def llava_batch(
@@ -141,31 +179,62 @@ def train_llava(
     seed: int = 0,
     clip_dir: Path | None = None,
     mix: tuple[float, float, float] = TASK_MIX,
+    vqa_steps: int = 2000,
+    vqa_mix: tuple[float, float, float] = VQA_STAGE_MIX,
+    vqa_lr: float = 1e-3,
+    stage1_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the testbed LLaVA (vision tower initialised from the testbed CLIP); returns the log."""
+    """Train the testbed LLaVA; returns the log.
+
+    Stage 1 (``steps``): vision tower initialised from the testbed CLIP, the task ``mix``. Stage 2
+    (``vqa_steps``, 0 to skip): the same recipe on a VQA-general-heavy mix (``vqa_mix``), which
+    lifts the retrieval-type questions ("where is", "is there") that stage 1 leaves at 50-60%.
+    ``stage1_dir``: start from a stage-1 checkpoint instead of training stage 1.
+    """
     from transformers import CLIPModel, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    clip = CLIPModel.from_pretrained(clip_dir or CHECKPOINTS / "clip", local_files_only=True)
-    model = LlavaForConditionalGeneration(llava_config(clip.config.vision_config))
-    missing = model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=False)
-    if missing.unexpected_keys:
-        raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
-    del clip
-    log = {
+    log: dict[str, Any] = {
         "model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
         "task_mix": list(mix), "loss_average": "per example",
     }
 
-    def batch(step: int) -> dict[str, torch.Tensor]:
-        return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step), rng, mix)
+    def loss_of(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        def loss(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            labels = inputs.pop("labels")
+            return per_example_loss(model(**inputs).logits, labels)
 
-    def loss(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = inputs.pop("labels")
-        return per_example_loss(model(**inputs).logits, labels)
+        return loss
 
-    return _fit_and_save(model, batch, out, log, loss)
+    if stage1_dir is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(stage1_dir, local_files_only=True)
+        previous = json.loads((Path(stage1_dir) / "train_log.json").read_text())
+        log.update({k: previous[k] for k in ("steps", "lr", "task_mix", "loss", "train_seconds") if k in previous})
+        log["stage1_from"] = "checkpoint"
+    else:
+        clip = CLIPModel.from_pretrained(clip_dir or CHECKPOINTS / "clip", local_files_only=True)
+        model = LlavaForConditionalGeneration(llava_config(clip.config.vision_config))
+        missing = model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
+        del clip
+
+        def batch(step: int) -> dict[str, torch.Tensor]:
+            return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 500_000 + step), rng, mix)
+
+        _fit(model, batch, log, loss_of(model))
+    if vqa_steps > 0:
+        stage = {"steps": vqa_steps, "lr": vqa_lr, "task_mix": list(vqa_mix), "model": "llava stage 2"}
+        rng2 = random.Random(seed + 7)
+
+        def batch2(step: int) -> dict[str, torch.Tensor]:
+            return llava_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 777_000 + step), rng2, vqa_mix)
+
+        _fit(model, batch2, stage, loss_of(model))
+        log["vqa_stage"] = stage
+        log["train_seconds"] = round(log.get("train_seconds", 0.0) + stage["train_seconds"], 1)
+    return _save(model, out, log)
 
 
 def _fit_and_save(
@@ -175,9 +244,21 @@ def _fit_and_save(
     log: dict[str, Any],
     loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """AdamW with warm-up + cosine schedule and gradient clipping on ``batch(step)``; the loss is
-    ``loss_fn(batch)`` or the model output's ``.loss``. Saves the model, the tokenizer and the
-    log to ``out``."""
+    """:func:`_fit`, then :func:`_save`."""
+    _fit(model, batch, log, loss_fn)
+    return _save(model, out, log)
+
+
+def _fit(
+    model: torch.nn.Module,
+    batch: Callable[[int], dict[str, torch.Tensor]],
+    log: dict[str, Any],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+) -> None:
+    """AdamW (weight decay 0.05) with 5% linear warm-up + cosine schedule and gradient clipping on
+    ``batch(step)`` for ``log["steps"]`` steps at peak ``log["lr"]``; the loss is
+    ``loss_fn(batch)`` or the model output's ``.loss``. Fills ``log["loss"]`` and
+    ``log["train_seconds"]``."""
     steps, lr = log["steps"], log["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     log["loss"] = []
@@ -198,6 +279,10 @@ def _fit_and_save(
             logger.info("step %d loss %.4f", step, value)
     log["train_seconds"] = round(time.time() - start, 1)
     model.eval()
+
+
+def _save(model: torch.nn.Module, out: Path, log: dict[str, Any]) -> dict[str, Any]:
+    """Save the model, the tokenizer and the training log to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     build_tokenizer().save_pretrained(out)  # type: ignore[attr-defined]
@@ -229,6 +314,20 @@ def _cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def train_blip(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
+    """Train the testbed BLIP captioner on scene captions; returns the training log."""
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(blip_config())
+    log = {"model": "blip", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        return blip_batch(make_scenes("train", batch_size, seed=seed * 1_000_003 + 700_000 + step))
+
+    return _fit_and_save(model, batch, out, log)
+
+
 def train_clip(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> dict[str, Any]:
     """Train the testbed CLIP contrastively; returns the training log."""
     from transformers import CLIPModel
@@ -252,13 +351,16 @@ def train_clip(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["clip", "llava"])
+    parser.add_argument("model", choices=["clip", "llava", "blip"])
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these sizes)")
     parser.add_argument("--mix", type=float, nargs=3, default=None, metavar=("CAPTION", "MATH", "GENERAL"),
                         help="llava: shares of the three tasks in a batch (default %s)" % (TASK_MIX,))
+    parser.add_argument("--vqa-steps", type=int, default=None, help="llava: steps of the VQA stage (0 skips it)")
+    parser.add_argument("--stage1", default=None,
+                        help="llava: directory of a stage-1 checkpoint to start the VQA stage from")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -270,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.model != "llava":
             parser.error("--mix applies to llava only")
         kwargs["mix"] = tuple(args.mix)
-    trainer = {"clip": train_clip, "llava": train_llava}[args.model]
+    if args.model != "llava" and (args.vqa_steps is not None or args.stage1):
+        parser.error("--vqa-steps / --stage1 apply to llava only")
+    if args.vqa_steps is not None:
+        kwargs["vqa_steps"] = args.vqa_steps
+    if args.stage1:
+        kwargs["stage1_dir"] = Path(args.stage1)
+    trainer = {"clip": train_clip, "llava": train_llava, "blip": train_blip}[args.model]
     log = trainer(out, seed=args.seed, **kwargs)
     sys.stdout.write(f"trained {args.model} in {log['train_seconds']} s; final loss {log['loss'][-1][1]}\n")
     return 0
