@@ -385,8 +385,7 @@ def neuron_order(scores: torch.Tensor) -> torch.Tensor:
     The search keeps ``neuron_order(s)[:k]``; the Torch-Pruning adapter ranks with the same order.
     """
     s = scores.detach().float().cpu()
-    ascending = torch.argsort(-s, stable=True)
-    return ascending
+    return torch.argsort(-s, stable=True)
 
 
 # ----------------------------------------------------------------------------------------------
