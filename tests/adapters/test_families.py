@@ -390,4 +390,46 @@ def test_no_linear_is_an_error() -> None:
 
 
 def test_family_names() -> None:
-    assert FAMILIES == ("clip", "siglip", "vit", "dinov2", "blip", "vilt", "llava")
+    assert FAMILIES == ("clip", "siglip", "vit", "dinov2", "blip", "vilt", "llava", "decoder_lm")
+
+
+# ---- decoder-only language models
+
+
+def _tiny_lm(kind: str) -> nn.Module:
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32)
+    configs = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "llama_base": (transformers.LlamaConfig, transformers.LlamaModel),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }
+    config_cls, model_cls = configs[kind]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_decoder_only_lms_are_described_without_warning(kind: str) -> None:
+    import warnings as _warnings
+
+    model = _tiny_lm(kind)
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)
+        info = describe(model)
+    assert info.family == "decoder_lm"
+    assert set(info.linear_modality.values()) == {"language"}
+    assert info.heads == ("lm_head",)
+    assert info.decoder_layers == ("model.layers.0", "model.layers.1")
+    assert all((a.num_heads, a.num_kv_heads) == (4, 2) for a in info.attentions)
+    assert [m.gate for m in info.mlps] == ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"]
+
+
+def test_decoder_lm_rule_by_structure_and_bare_model() -> None:
+    info = describe(_tiny_lm("llama_base"))
+    assert info.family == "decoder_lm" and info.decoder_layers == ("layers.0", "layers.1") and info.heads == ()
+    # LLaVA keeps its own rule (its language model also has layers and embed_tokens)
+    assert describe(tiny_model("llava")).family == "llava"

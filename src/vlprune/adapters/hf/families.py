@@ -15,8 +15,11 @@ A :class:`FamilyRule` adds what cannot be read off the modules: each path's moda
 are output heads, and where the decoder layers are. Built-in rules (:data:`BUILTIN_RULES`) cover
 CLIP, SigLIP (two-tower and single-tower models), ViT/DeiT, DINOv2, BLIP, ViLT and LLaVA-like models
 (transformers 5.x paths, e.g. ``model.vision_tower.encoder.layers.N``,
-``model.multi_modal_projector``, ``model.language_model.layers.N``, ``lm_head``). Anything else gets
-the generic description with modality ``"unknown"``, a ``UserWarning`` and a log line.
+``model.multi_modal_projector``, ``model.language_model.layers.N``, ``lm_head``), and decoder-only
+language models (family ``decoder_lm``: Llama, Mistral, Qwen, Gemma, Phi, OPT, ... by model type,
+others by structure: token embeddings + a ``layers`` list, no vision tower; all modules
+``language``, decoder layers ``*layers.N``). Anything else gets the generic description with
+modality ``"unknown"``, a ``UserWarning`` and a log line.
 
 Modality rule: a rule's ``modalities`` are ``(glob pattern, modality)`` pairs matched with
 :func:`fnmatch.fnmatchcase` against the full module path; the first match wins (built-in rules list
@@ -183,6 +186,24 @@ def _llava_like(model: nn.Module) -> bool:
     return {"vision_tower", "multi_modal_projector", "language_model"} <= names
 
 
+def _decoder_lm_like(model: nn.Module) -> bool:
+    """A decoder-only language model: token embeddings and a list of ``layers`` (``model.layers``,
+    ``layers`` or ``model.decoder.layers``) and no vision tower."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "vision_config", None) is not None:
+        return False
+    modules = dict(model.named_modules())
+    has_layers = any(isinstance(modules.get(p), nn.ModuleList) for p in ("model.layers", "layers", "model.decoder.layers"))
+    has_embed = any(n.endswith("embed_tokens") for n in modules)
+    return has_layers and has_embed and not any("vision" in n for n in modules)
+
+
+#: model types of common decoder-only language models (others match by structure)
+_DECODER_LM_TYPES: tuple[str, ...] = (
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+    "phi", "phi3", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "opt", "cohere", "smollm3",
+)
+
 _CLIP_LIKE: tuple[tuple[str, Modality], ...] = (
     ("vision_model*", "vision"),
     ("visual_projection", "vision"),
@@ -248,6 +269,14 @@ BUILTIN_RULES: tuple[FamilyRule, ...] = (
         heads=("lm_head", "*vision_tower.head.*", "*vision_tower.vision_model.head.*"),
         decoder="*language_model.layers.*",
         match=_llava_like,
+    ),
+    FamilyRule(
+        "decoder_lm",
+        _DECODER_LM_TYPES,
+        (("*", "language"),),
+        heads=("lm_head", "score", "classifier"),
+        decoder="*layers.*",
+        match=_decoder_lm_like,
     ),
 )
 
