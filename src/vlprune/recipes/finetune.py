@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from vlprune.errors import VLPruneError
 from vlprune.plugins.platon import Platon, cubic_schedule
 
-__all__ = ["Callback", "train_loop", "GlobalUnstructuredPruning", "StructuredPruning", "SCORES"]
+__all__ = ["Callback", "cosine_lr", "train_loop", "GlobalUnstructuredPruning", "StructuredPruning", "SCORES"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ class Callback(Protocol):
         ...
 
 
-def _cosine(step: int, total: int, warmup: int, peak: float) -> float:
+def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up over ``warmup`` steps to ``peak``, then
+    cosine decay to 0."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -132,7 +134,7 @@ def train_loop(
         if replaced:
             optimizer = make_optimizer()
         for group in optimizer.param_groups:
-            group["lr"] = _cosine(step, steps, warmup, lr)
+            group["lr"] = cosine_lr(step, steps, warmup, lr)
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
         optimizer.step()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlprune.recipes.finetune import cosine_lr
 from vlprune.testbed.data import IMAGE_SIZE, build_tokenizer, make_scenes, pixel_values, vocab_index, vocabulary, vqa
 
 __all__ = ["CHECKPOINTS", "clip_config", "llava_config", "lm_example", "llava_batch", "per_example_loss", "TASK_MIX", "train_clip", "train_llava", "tune_cpu_runtime", "main"]
@@ -267,7 +267,7 @@ def _fit(
     model.train()
     for step in tqdm(range(steps), desc=f"train {log['model']}"):
         for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, steps // 20, lr)
+            group["lr"] = cosine_lr(step, steps, steps // 20, lr)
         inputs = batch(step)
         loss = loss_fn(inputs) if loss_fn is not None else model(**inputs).loss
         opt.zero_grad(set_to_none=True)
@@ -306,13 +306,6 @@ def tune_cpu_runtime(threads: int = 1) -> None:
         libc.mallopt(-2, 256 * 1024 * 1024)  # M_TOP_PAD
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_blip(out: Path, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
