@@ -222,3 +222,19 @@ def test_prune_hf_model_min_heads() -> None:
                    prune_mlp=False, min_heads=2)
     assert first_q.out_features == 2 * atts[0].head_dim
     model(**example_inputs("vit", batch_size=2))
+
+
+def test_min_heads_beyond_the_feasible_ratio_is_refused() -> None:
+    from vlprune.adapters.torch_pruning import KeepHeads
+
+    model = tiny_model("vit")
+    kw = hf_pruner_kwargs(model, prune_mlp=False)
+    atts = [a for a in describe(model).attentions if not a.fused and a.num_heads > 1]
+    imp = KeepHeads(tp.importance.GroupMagnitudeImportance(), kw["num_heads"])
+    total = sum(a.num_heads for a in atts)
+    assert imp.max_ratio == pytest.approx(1 - len(atts) / total)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(VLPruneError, match="cannot keep 1 head"):
+        prune_hf_model(model, example_inputs("vit", batch_size=2), tp.importance.GroupMagnitudeImportance(),
+                       0.9, prune_mlp=False, min_heads=1)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

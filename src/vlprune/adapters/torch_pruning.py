@@ -565,6 +565,15 @@ class KeepHeads(tp.importance.Importance):
     heads of each attention group to a huge score (``1e30``), so they are never under the
     threshold; all other scores are the base importance's, unchanged.
 
+    Limit: the floor holds while the head ratio is at most :attr:`max_ratio`
+    (``1 - attentions * min_heads / total heads``); beyond it tp's global threshold itself falls on a
+    lifted head and empties layers anyway. :func:`prune_hf_model` checks this.
+
+    Not fixed by this wrapper: Torch-Pruning 1.6's iterative head pruning also fails
+    (``UnboundLocalError: head_thres``) on a step whose schedule removes no head while channels are
+    still pruned, e.g. the last steps of a cubic schedule; prune heads in one step, or on a schedule
+    that removes at least one head per step.
+
     Caveat: in global mode Torch-Pruning ranks attention channels together with MLP channels even
     when head dims are not pruned (``prune_head_dims=False``), so lifting a head also shifts the
     global MLP ranking slightly (the lifted channels no longer take places at the bottom).
@@ -594,6 +603,18 @@ class KeepHeads(tp.importance.Importance):
             if heads < 1 or width % heads:
                 raise VLPruneError(f"{type(module).__name__} with {width} outputs cannot hold {heads} heads")
             self.head_dim[module] = width // heads
+        self._counts = list(num_heads.values())
+
+    @property
+    def max_ratio(self) -> float:
+        """The largest global head pruning ratio the floor can honour,
+        ``1 - attentions * min_heads / total heads`` (``num_heads`` as ``hf_pruner_kwargs`` gives it,
+        listing the q, k and v of each attention)."""
+        if not self._counts:
+            return 0.0
+        per = 3 if len(self._counts) % 3 == 0 else 1
+        attentions, total = len(self._counts) // per, sum(self._counts) / per
+        return max(0.0, 1.0 - attentions * self.min_heads / total)
 
     def __getattr__(self, name: str) -> Any:  # update() / step() of stateful bases
         if name == "base":
@@ -672,6 +693,11 @@ def prune_hf_model(
         raise VLPruneError("example_inputs must be a dict of tensors, as passed to model(**example_inputs)")
     if min_heads is not None and kwargs["prune_num_heads"] and global_pruning and not isinstance(importance, KeepHeads):
         importance = KeepHeads(importance, kwargs["num_heads"], min_heads=min_heads)
+        if head_ratio > importance.max_ratio + 1e-9:
+            raise VLPruneError(
+                f"head pruning ratio {head_ratio} cannot keep {min_heads} head(s) in every attention: "
+                f"at most {importance.max_ratio:.3f} of the heads can go; lower head_pruning_ratio or min_heads"
+            )
     snap = _snapshot(model)
     try:
         pruner = tp.pruner.BasePruner(
