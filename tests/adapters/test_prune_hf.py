@@ -238,3 +238,52 @@ def test_min_heads_beyond_the_feasible_ratio_is_refused() -> None:
         prune_hf_model(model, example_inputs("vit", batch_size=2), tp.importance.GroupMagnitudeImportance(),
                        0.9, prune_mlp=False, min_heads=1)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def _iterative_vit_pruner(imp: object) -> tuple[torch.nn.Module, object]:
+    from vlprune.adapters.torch_pruning import cubic_scheduler
+
+    model = tiny_model("vit")
+    pruner = tp.pruner.BasePruner(model, example_inputs("vit", batch_size=2), importance=imp, pruning_ratio=0.5,
+                                  head_pruning_ratio=0.5, iterative_steps=4,
+                                  iterative_pruning_ratio_scheduler=cubic_scheduler, global_pruning=True,
+                                  **hf_pruner_kwargs(model))
+    return model, pruner
+
+
+def test_step_pruner_survives_a_step_that_removes_no_head() -> None:
+    from vlprune.adapters.torch_pruning import _heads_to_remove, step_pruner
+
+    # 8 heads, cubic schedule to 50%: the steps remove 3, 1, 0 and 0 heads
+    model, pruner = _iterative_vit_pruner(tp.importance.GroupMagnitudeImportance())
+    removed = []
+    with pytest.raises(UnboundLocalError, match="head_thres"):
+        for _ in range(4):
+            removed.append(_heads_to_remove(pruner))
+            pruner.step()  # plain Torch-Pruning 1.6
+    assert removed[-1] == 0
+
+    model, pruner = _iterative_vit_pruner(tp.importance.GroupMagnitudeImportance())
+    atts = [a for a in describe(model).attentions if a.num_heads > 1]
+    head_dim = atts[0].head_dim
+    for _ in range(4):
+        step_pruner(pruner)
+    heads = sum(model.get_submodule(a.q).out_features // head_dim for a in atts)
+    assert heads == 4 and pruner.prune_num_heads  # the 50% head budget, flag restored
+    vlprune.sync_hf_model(model, pruned="heads")
+    model(**example_inputs("vit", batch_size=2))
+
+
+def test_platon_step_survives_a_step_that_removes_no_head() -> None:
+    from vlprune.adapters.torch_pruning import PlatonImportance
+
+    imp = PlatonImportance(delta_t=1)
+    model, pruner = _iterative_vit_pruner(imp)
+    batch = example_inputs("vit", batch_size=4)
+    for _ in range(4):
+        model.zero_grad()
+        model(**batch).logits.sum().backward()
+        imp.update(model)
+        imp.step(pruner)
+    vlprune.sync_hf_model(model, pruned="heads")
+    model(**batch)

@@ -12,8 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,8 @@ __all__ = [
     "PlatonImportance",
     "AMPEntropyImportance",
     "KeepHeads",
+    "step_pruner",
+    "head_step_guard",
     "amp_ratio_dict",
     "cubic_scheduler",
     "pruning_steps",
@@ -156,6 +159,49 @@ def _matches(fn: Any, candidates: tuple[Any, ...]) -> bool:
     return any(fn == c for c in candidates)  # tp handlers compare with ==, not identity
 
 
+def _heads_to_remove(pruner: Any) -> int:
+    """How many heads Torch-Pruning's next global step will remove (its own rule:
+    current heads - int(initial heads * (1 - cumulative head ratio)))."""
+    step = pruner.current_step + 1
+    if step >= len(pruner.per_step_head_pruning_ratio):
+        return 0
+    current = 0
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        for dep, _ in group:
+            if dep.target.module in pruner.num_heads and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                current += pruner.num_heads[dep.target.module]
+                break
+    return current - int(pruner.initial_total_heads * (1 - pruner.per_step_head_pruning_ratio[step]))
+
+
+@contextlib.contextmanager
+def head_step_guard(pruner: Any) -> Iterator[None]:
+    """Around one ``pruner.step()``: switch head pruning off for a step that removes no head.
+
+    Torch-Pruning 1.6's global head pruning fails on such a step (``UnboundLocalError:
+    head_thres``) as soon as channels are still pruned, e.g. on the flat end of a cubic schedule.
+    With head pruning off for that one step, attention layers are left as they are (head dims are
+    not pruned) and everything else proceeds. Used by :func:`step_pruner` and
+    :meth:`PlatonImportance.step`.
+    """
+    off = bool(getattr(pruner, "prune_num_heads", False) and getattr(pruner, "global_pruning", False)
+               and pruner.initial_total_heads > 0 and _heads_to_remove(pruner) <= 0)
+    if off:
+        pruner.prune_num_heads = False
+    try:
+        yield
+    finally:
+        if off:
+            pruner.prune_num_heads = True
+
+
+def step_pruner(pruner: Any) -> None:
+    """``pruner.step()`` for iterative head pruning: skips head pruning on a step whose schedule
+    removes no head (see :func:`head_step_guard`)."""
+    with head_step_guard(pruner):
+        pruner.step()
+
+
 class PlatonImportance(tp.importance.GroupMagnitudeImportance):
     """PLATON (Zhang et al., ICML 2022) as a structured Torch-Pruning importance.
 
@@ -272,7 +318,10 @@ class PlatonImportance(tp.importance.GroupMagnitudeImportance):
         Returns:
             The number of groups pruned.
         """
-        names_of: Mapping[nn.Module, str] = pruner.DG._module2name
+        with head_step_guard(pruner):
+            return self._step(pruner, pruner.DG._module2name)
+
+    def _step(self, pruner: Any, names_of: Mapping[nn.Module, str]) -> int:
         count = 0
         for group in pruner.step(interactive=True):
             for dep, idxs in group:

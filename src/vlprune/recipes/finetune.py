@@ -313,7 +313,9 @@ class StructuredPruning:
         if self.platon is not None:
             self.platon.step(self.pruner)
         else:
-            self.pruner.step()
+            from vlprune.adapters.torch_pruning import step_pruner
+
+            step_pruner(self.pruner)  # tp's iterative head pruning fails on a step that removes no head
         if self.after_prune is not None:
             self.after_prune(model)
         return True
