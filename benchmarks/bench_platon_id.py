@@ -119,7 +119,7 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
 
     from vlprune.adapters.hf.surgery import sync_hf_model
     from vlprune.adapters.torch_pruning import (
-        IDWeightedImportance, PlatonImportance, cubic_scheduler, pruning_steps,
+        IDWeightedImportance, KeepHeads, PlatonImportance, cubic_scheduler, pruning_steps,
     )
     from vlprune.recipes.finetune import GlobalUnstructuredPruning, StructuredPruning, train_loop
 
@@ -144,15 +144,20 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
             "random": lambda: tp.importance.RandomImportance(),
         }[score]()
         imp = IDWeightedImportance(base, setup["ids"]) if use_id else base
+        kwargs = _hf_kwargs(model, args.heads)
+        head_ratio = sparsity
+        if args.heads:
+            imp = KeepHeads(imp, kwargs["num_heads"])  # every attention keeps >= 1 head
+            head_ratio = min(sparsity, imp.max_ratio)  # 4-head layers: at most 75% of the heads
         ratio_dict = None
         if modality_sparsity:
             from vlprune.plugins.layer_budget import modality_ratio_dict
 
             ratio_dict = modality_ratio_dict(model, setup["profile"], modality_sparsity)
         pruner = tp.pruner.BasePruner(
-            model, setup["example"], importance=imp, pruning_ratio=sparsity, head_pruning_ratio=sparsity,
+            model, setup["example"], importance=imp, pruning_ratio=sparsity, head_pruning_ratio=head_ratio,
             pruning_ratio_dict=ratio_dict, iterative_steps=args.iterative_steps,
-            iterative_pruning_ratio_scheduler=cubic_scheduler, global_pruning=True, **_hf_kwargs(model),
+            iterative_pruning_ratio_scheduler=cubic_scheduler, global_pruning=True, **kwargs,
         )
         prune_at = pruning_steps(args.steps, args.iterative_steps, **_schedule(args))
         callbacks.append(StructuredPruning(pruner, prune_at, after_prune=lambda m: sync_hf_model(m, pruned="heads")))
@@ -165,7 +170,8 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
     metrics = _evaluate(model, args.n_eval)
     macs, params = _count(model, setup["example"])
     row = {
-        "mode": mode, "criterion": criterion, "sparsity": sparsity, **metrics,
+        "mode": mode + ("+heads" if mode == "structured" and args.heads else ""), "criterion": criterion,
+        "sparsity": sparsity, **metrics,
         "params_ratio": round(params / base_params, 4), "macs_ratio": round(macs / base_macs, 4),
         "weight_sparsity": round(report.get("overall", 0.0), 4), "final_loss": log["loss"][-1][1],
         "seconds": round(time.perf_counter() - start, 1),
@@ -177,12 +183,11 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
     return row
 
 
-def _hf_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+def _hf_kwargs(model: torch.nn.Module, heads: bool) -> dict[str, Any]:
     from vlprune.adapters.torch_pruning import hf_pruner_kwargs
 
-    # MLP neurons only: Torch-Pruning 1.6's global head ranking has no per-layer floor and can
-    # remove every head of a layer (4-head vision layers here), after which its next step fails
-    return hf_pruner_kwargs(model, prune_heads=False)
+    # MLP neurons; with --heads also whole heads of the (non-GQA) vision attentions
+    return hf_pruner_kwargs(model, prune_heads=heads)
 
 
 def _modality_sparsity(model: torch.nn.Module, setup: dict[str, Any]) -> dict[str, float]:
@@ -254,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lam", type=float, default=1.0)
     parser.add_argument("--single-modality", action="store_true",
                         help="add runs that prune one modality only (vision / fusion / language) at --budget-sparsity")
+    parser.add_argument("--heads", action="store_true",
+                        help="structured: also prune whole heads (non-GQA: the vision tower) under KeepHeads "
+                             "(>= 1 head per attention, head ratio capped at KeepHeads.max_ratio)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense (unpruned, same training) reference")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

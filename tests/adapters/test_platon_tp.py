@@ -152,3 +152,38 @@ def test_iterative_platon_on_a_transformers_llama() -> None:
     widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
     assert sum(widths) == 64  # 50% of 2 x 64 neurons, split globally
     assert model(input_ids=ids).logits.shape == (4, 12, 40)
+
+
+def test_readme_platon_loop_with_heads_on_tiny_llava() -> None:
+    """The README's PLATON loop, as written: ID-PLATON under KeepHeads, MLP neurons + heads, cubic."""
+    import vlprune
+    from tests.conftest import batches_for
+    from vlprune.adapters.torch_pruning import KeepHeads
+    from vlprune.testbed.tiny import example_inputs, tiny_model
+
+    model = tiny_model("llava")
+    profile = vlprune.estimate_ids(model, batches_for("llava", 2, 8), n_samples=16, progress=False)
+    platon = PlatonImportance(delta_t=1)
+    kw = hf_pruner_kwargs(model)
+    imp = KeepHeads(IDWeightedImportance(platon, profile), kw["num_heads"])
+    example = example_inputs("llava", batch_size=2)
+    pruner = tp.pruner.BasePruner(model, example, importance=imp, pruning_ratio=0.5,
+                                  head_pruning_ratio=min(0.5, imp.max_ratio), iterative_steps=4,
+                                  iterative_pruning_ratio_scheduler=cubic_scheduler, global_pruning=True, **kw)
+    prune_at = pruning_steps(8, 4, warmup_steps=1, initial_warmup=1, final_warmup=1)
+    batch = example_inputs("llava", batch_size=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    before = sum(p.numel() for p in model.parameters())
+    for step in range(8):
+        out = model(**batch)
+        out.logits.float().logsumexp(-1).mean().backward()
+        platon.update(model)
+        if step in prune_at:
+            platon.step(pruner)
+            vlprune.sync_hf_model(model, pruned="heads")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert all(a.num_heads >= 1 for a in vlprune.describe_model(model).attentions)
+    model(**example)
