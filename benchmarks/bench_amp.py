@@ -192,7 +192,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     for delta in args.delta_e:
         start = time.perf_counter()
-        widths = amp.search_widths(base, scores["amp"], held_out, delta, tau=tau, embed=embed, progress=False)
+        widths = amp.search_widths(base, scores["amp"], held_out, delta, tau=tau, embed=embed, rule=args.rule,
+                                   progress=False)
         search_seconds = time.perf_counter() - start
         total = sum(widths.values())
         names = list(widths)
@@ -208,7 +209,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             _prune(model, make_imp(model), w, example)
             counts = _count(name, model, example_px[:1])
             row: dict[str, Any] = {
-                "delta_e": delta, "variant": variant, "widths": dict(zip([n.split(".layers.")[-1] for n in w], w.values())),
+                "delta_e": delta, "rule": args.rule, "variant": variant, "widths": dict(zip([n.split(".layers.")[-1] for n in w], w.values())),
                 "search_seconds": round(search_seconds, 1),
                 **{f"{k}_ratio": round(counts[k] / dense[k], 4) for k in ("tower_params", "tower_macs", "model_params")},
                 "mlp_removed": round(1 - counts["mlp_params"] / dense["mlp_params"], 4),
@@ -232,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta-e", nargs="+", type=float, default=None,
                         help="objective increase allowed per layer (default: clip 1e-3 1e-2 3e-2 1e-1, llava 0 1e-3 1e-2)")
     parser.add_argument("--tau", type=float, default=1 / 15)
+    parser.add_argument("--rule", choices=["rise", "change"], default="rise",
+                        help="width acceptance: objective rise <= delta_e (official) or |change| <= delta_e")
     parser.add_argument("--calib", type=int, default=8, help="calibration batches for the importance")
     parser.add_argument("--held-out", type=int, default=4, help="held-out batches for the width search")
     parser.add_argument("--batch-size", type=int, default=64)

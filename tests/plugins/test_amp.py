@@ -250,7 +250,8 @@ def _toy_objective(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return -model(batch).mean()
 
 
-def _official_search(weights: list[torch.Tensor], delta: float, halvings: int, min_keep: int = 1) -> list[int]:
+def _official_search(weights: list[torch.Tensor], delta: float, halvings: int, min_keep: int = 1,
+                     rule: str = "rise") -> list[int]:
     """The official procedure on the closed-form objective E = -(1 + sum of kept weights)."""
     kept = [len(w) for w in weights]
 
@@ -264,7 +265,7 @@ def _official_search(weights: list[torch.Tensor], delta: float, halvings: int, m
             k = max((lo + hi) // 2, min_keep)
             kept[i] = k
             value = objective()
-            if value - prev <= delta:
+            if (value - prev if rule == "rise" else abs(value - prev)) <= delta:
                 hi, best, best_value = k, k, value
             else:
                 lo = k
@@ -275,7 +276,8 @@ def _official_search(weights: list[torch.Tensor], delta: float, halvings: int, m
 
 @pytest.mark.parametrize("delta", [0.0, 0.05, 0.3, 1.0, 100.0])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_search_widths_follows_the_official_binary_search(delta: float, reuse: bool) -> None:
+@pytest.mark.parametrize("rule", ["rise", "change"])
+def test_search_widths_follows_the_official_binary_search(delta: float, reuse: bool, rule: str) -> None:
     g = torch.Generator().manual_seed(3)
     weights = [torch.rand(64, generator=g, dtype=torch.float64) ** 3, torch.rand(40, generator=g, dtype=torch.float64) ** 3]
     model = _Toy(weights).double()  # float64, so delta = 0 is decided exactly as in the reference
@@ -283,12 +285,45 @@ def test_search_widths_follows_the_official_binary_search(delta: float, reuse: b
     batches = [torch.zeros(2, 1, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64)]
     log: list[dict[str, object]] = []
     widths = amp.search_widths(model, importance, batches, delta, objective=_toy_objective, halvings=6,
-                               reuse_blocks=reuse, progress=False, log=log)
-    expected = _official_search(weights, delta, 6)
+                               rule=rule, reuse_blocks=reuse, progress=False, log=log)  # type: ignore[arg-type]
+    expected = _official_search(weights, delta, 6, rule=rule)
     assert widths == {"layers.0.mlp": expected[0], "layers.1.mlp": expected[1]}
     assert [e["mlp"] for e in log][:6] == ["layers.1.mlp"] * 6  # last layer first
     if delta == 100.0:
         assert widths == {"layers.0.mlp": 1, "layers.1.mlp": 1}  # 64 / 2**6, 40 -> ... -> 1 (min_keep)
+
+
+class _SignedBlock(_Block):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the first half of the neurons count negatively
+        h = torch.relu(self.mlp.fc1(torch.ones_like(x)))
+        sign = torch.ones(h.shape[-1], dtype=h.dtype)
+        sign[: h.shape[-1] // 2] = -1.0
+        return x + self.mlp.fc2(h * sign)
+
+
+@pytest.mark.parametrize("delta", [0.05, 0.3])
+def test_change_rule_refuses_a_falling_objective(delta: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.rand(32, generator=g, dtype=torch.float64), torch.rand(32, generator=g, dtype=torch.float64)]
+    model = _Toy(weights).double()
+    model.layers[1] = _SignedBlock(weights[1]).double()  # cutting it can lower the objective
+    importance = {f"layers.{i}.mlp": w.clone() for i, w in enumerate(weights)}
+    batches = [torch.zeros(2, 1, dtype=torch.float64)]
+    logs: dict[str, list[dict[str, object]]] = {"rise": [], "change": []}
+    widths = {r: amp.search_widths(model, importance, batches, delta, objective=_toy_objective, rule=r,  # type: ignore[arg-type]
+                                   progress=False, log=logs[r]) for r in ("rise", "change")}
+    prev_rise = [e for e in logs["rise"] if e["mlp"] == "layers.1.mlp"]
+    with torch.no_grad():
+        full = float(_toy_objective(model, batches[0]))
+    # layer 1 is searched first, against the full model: every width "change" accepts stays within
+    # delta of it in both directions, while "rise" accepts a larger fall
+    for e in logs["change"]:
+        if e["mlp"] == "layers.1.mlp" and e["accepted"]:
+            assert abs(float(e["objective"]) - full) <= delta  # type: ignore[arg-type]
+    assert any(e["accepted"] and float(e["objective"]) < full - delta for e in prev_rise)  # type: ignore[arg-type]
+    assert widths["change"]["layers.1.mlp"] > widths["rise"]["layers.1.mlp"]
+    with pytest.raises(VLPruneError, match="rule"):
+        amp.search_widths(model, importance, batches, delta, objective=_toy_objective, rule="both", progress=False)  # type: ignore[arg-type]
 
 
 def test_search_widths_leaves_model_unchanged_and_replay_equals_full() -> None:

@@ -573,6 +573,7 @@ def search_widths(
     embed: EmbedFn | None = None,
     halvings: int = 6,
     min_keep: int = 1,
+    rule: Literal["rise", "change"] = "rise",
     reuse_blocks: bool = True,
     progress: bool = True,
     log: list[dict[str, Any]] | None = None,
@@ -593,6 +594,11 @@ def search_widths(
         tau, objective, embed: the objective, as in :func:`neuron_importance`.
         halvings: binary-search steps per layer (6: resolution ``H / 64``).
         min_keep: fewest neurons an MLP keeps (>= 1: Torch-Pruning cannot empty a layer).
+        rule: ``"rise"`` (official): accept when ``E(k) - E_prev <= delta_e``, so any fall of the
+            objective is accepted; ``"change"``: accept when ``|E(k) - E_prev| <= delta_e`` (the
+            variant left commented out in the official code), which also refuses widths that make
+            the objective fall by more than ``delta_e``: with an objective that falls when late
+            layers are cut, ``"rise"`` empties them.
         reuse_blocks: evaluate from the searched layer's block on, replaying the cached input of
             that block (checked against the full forward; falls back to full forwards if the check
             fails); False: always full forwards.
@@ -614,6 +620,8 @@ def search_widths(
         raise VLPruneError(f"halvings must be an integer >= 1, got {halvings!r}")
     if not (isinstance(min_keep, int) and min_keep >= 1):
         raise VLPruneError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+    if rule not in ("rise", "change"):
+        raise VLPruneError(f"rule must be 'rise' or 'change', got {rule!r}")
     if not importance:
         raise VLPruneError("importance is empty: compute it with neuron_importance(model, batches) first")
     layouts = find_mlps(model, list(importance))
@@ -648,7 +656,7 @@ def search_widths(
                 for _ in range(halvings):
                     k = max((lo + hi) // 2, min_keep)
                     value = evaluate(k)
-                    accepted = value - prev <= delta_e
+                    accepted = (value - prev if rule == "rise" else abs(value - prev)) <= delta_e
                     if log is not None:
                         log.append({"mlp": name, "kept": k, "objective": value, "accepted": accepted})
                     if accepted:
