@@ -433,3 +433,50 @@ def test_decoder_lm_rule_by_structure_and_bare_model() -> None:
     assert info.family == "decoder_lm" and info.decoder_layers == ("layers.0", "layers.1") and info.heads == ()
     # LLaVA keeps its own rule (its language model also has layers and embed_tokens)
     assert describe(tiny_model("llava")).family == "llava"
+
+
+def test_a_plugin_registers_a_family_rule() -> None:
+    import vlprune
+    from vlprune.plugins.hookspecs import hookimpl
+
+    rule = FamilyRule("mine", (), (("blocks.0*", "vision"), ("*", "language")), heads=("out",),
+                      match=lambda m: isinstance(m, _Custom))
+
+    class Plugin:
+        @hookimpl
+        def vlprune_register_families(self) -> list[FamilyRule]:
+            return [rule]
+
+    plugin = Plugin()
+    vlprune.register(plugin, name="test-family-plugin")
+    try:
+        import warnings as _warnings
+
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error", UserWarning)
+            info = describe(_Custom())
+        assert info.family == "mine" and info.heads == ("out",)
+        assert info.modality_of("blocks.1.fc1") == "language"
+        assert describe(tiny_model("clip")).family == "clip"  # built-ins still apply
+    finally:
+        vlprune.unregister(plugin)
+    with pytest.warns(UserWarning, match="unknown model family"):
+        assert describe(_Custom()).family == "generic"
+
+
+def test_a_plugin_returning_something_else_is_refused() -> None:
+    import vlprune
+    from vlprune.plugins.hookspecs import hookimpl
+
+    class Bad:
+        @hookimpl
+        def vlprune_register_families(self) -> list[object]:
+            return ["not a rule"]
+
+    bad = Bad()
+    vlprune.register(bad, name="bad-family-plugin")
+    try:
+        with pytest.raises(VLPruneError, match="FamilyRule"):
+            describe(_Custom())
+    finally:
+        vlprune.unregister(bad)

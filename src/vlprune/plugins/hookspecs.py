@@ -68,3 +68,9 @@ class VLPruneHookSpecs:
     @hookspec
     def vlprune_register_criteria(self) -> list[CriterionSpec]:  # type: ignore[empty-body]
         """Return the criteria this plugin provides."""
+
+    @hookspec
+    def vlprune_register_families(self) -> list[Any]:  # type: ignore[empty-body]
+        """Return model-family rules (``vlprune.adapters.hf.families.FamilyRule``) this plugin
+        provides; :func:`~vlprune.adapters.hf.families.describe` tries them before the built-in
+        rules, so a plugin can also refine a built-in family."""

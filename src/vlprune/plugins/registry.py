@@ -29,6 +29,7 @@ __all__ = [
     "register",
     "unregister",
     "criteria",
+    "family_rules",
     "get_spec",
     "check_pairing",
     "get_criterion",
@@ -109,6 +110,20 @@ def _specs() -> dict[str, CriterionSpec]:
                 raise RegistryError(f"two plugins register a criterion named {spec.name!r}")
             out[spec.name] = spec
     return dict(sorted(out.items()))
+
+
+def family_rules() -> list[Any]:
+    """Model-family rules registered by plugins (``vlprune_register_families``), in registration
+    order; the built-in rules are not included (``vlprune.adapters.hf.families.BUILTIN_RULES``)."""
+    out: list[Any] = []
+    for batch in reversed(plugin_manager().hook.vlprune_register_families()):  # pluggy calls last-registered first
+        for rule in batch or ():
+            if not (callable(getattr(rule, "matches", None)) and hasattr(rule, "modalities") and hasattr(rule, "name")):
+                raise RegistryError(
+                    f"a plugin returned {rule!r}; vlprune_register_families must return FamilyRule objects"
+                )
+            out.append(rule)
+    return out
 
 
 def criteria() -> list[CriterionSpec]:

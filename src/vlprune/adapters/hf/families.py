@@ -562,7 +562,8 @@ def describe(model: nn.Module, rules: Sequence[FamilyRule] | None = None) -> Fam
 
     Args:
         model: the model (pruned or not).
-        rules: family rules to try in order (default :data:`BUILTIN_RULES`); the first that
+        rules: family rules to try in order (default: the rules plugins register through the
+            ``vlprune_register_families`` hook, then :data:`BUILTIN_RULES`); the first that
             matches wins. With none matching, the generic description is returned (modality
             ``"unknown"``) with a ``UserWarning`` and a log warning.
 
@@ -586,7 +587,12 @@ def describe(model: nn.Module, rules: Sequence[FamilyRule] | None = None) -> Fam
             f"{type(model).__name__} has no nn.Linear layer; nothing vlprune can describe "
             "(pass a transformer model whose projections are nn.Linear)"
         )
-    candidates = BUILTIN_RULES if rules is None else tuple(rules)
+    if rules is None:
+        from vlprune.plugins.registry import family_rules
+
+        candidates: tuple[FamilyRule, ...] = (*family_rules(), *BUILTIN_RULES)
+    else:
+        candidates = tuple(rules)
     rule = next((r for r in candidates if r.matches(model)), None)
     if rule is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
