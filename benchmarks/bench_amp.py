@@ -25,22 +25,20 @@ tower on a batch of 64 images, both in one process, one thread, alternating roun
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import platform
 import random
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from _common import macs_and_params, quiet_cpu_setup  # benchmarks/_common.py: the script folder is on sys.path
 
 
 def _images(split: str, n_batches: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -100,11 +98,8 @@ def _tower_parts(name: str, model: nn.Module) -> list[nn.Module]:
 
 
 def _count(name: str, model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    import torch_pruning as tp
-
     tower = _Tower(model)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        macs, _ = tp.utils.count_ops_and_params(tower, {"pixel_values": example})
+    macs, _ = macs_and_params(tower, {"pixel_values": example})
     params = sum(p.numel() for part in _tower_parts(name, model) for p in part.parameters())
     mlp = sum(p.numel() for n, p in model.named_parameters() if (".mlp.fc" in n) and ("vision" in n))
     return {"tower_params": float(params), "tower_macs": float(macs), "mlp_params": float(mlp),
@@ -249,15 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.calib, args.held_out, args.distill_steps, args.n_eval = ["clip"], 2, 2, 20, 100
         args.latency_rounds = 3
-    from vlprune.testbed.train import tune_cpu_runtime
-
-    tune_cpu_runtime(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_cpu_setup(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     defaults = {"clip": [1e-3, 1e-2, 3e-2, 1e-1], "llava": [0.0, 1e-3, 1e-2]}

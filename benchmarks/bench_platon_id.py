@@ -30,20 +30,18 @@ budgets (``vlprune.plugins.layer_budget.modality_budgets``, rule ``inverse_id``)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import platform
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from _common import macs_and_params, quiet_cpu_setup  # benchmarks/_common.py: the script folder is on sys.path
 
 CRITERIA = ("id_platon", "platon", "id_magnitude", "magnitude", "taylor", "random")
 
@@ -99,14 +97,6 @@ def _evaluate(model: torch.nn.Module, n: int) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def _count(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> tuple[float, float]:
-    import torch_pruning as tp
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    return float(macs), float(params)
-
-
 def _schedule(args: argparse.Namespace) -> dict[str, Any]:
     return dict(warmup_steps=args.warmup_steps, initial_warmup=args.initial_warmup, final_warmup=args.final_warmup)
 
@@ -124,7 +114,7 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
     from vlprune.recipes.finetune import GlobalUnstructuredPruning, StructuredPruning, train_loop
 
     model = copy.deepcopy(setup["model"])
-    base_macs, base_params = _count(model, setup["example"])
+    base_macs, base_params = macs_and_params(model, setup["example"])
     use_id = criterion.startswith("id_")
     score = criterion.removeprefix("id_")
     callbacks: list[Any] = []
@@ -168,7 +158,7 @@ def run_one(setup: dict[str, Any], mode: str, criterion: str, sparsity: float, a
     )
     report = unstructured.finish(model) if unstructured is not None else {}
     metrics = _evaluate(model, args.n_eval)
-    macs, params = _count(model, setup["example"])
+    macs, params = macs_and_params(model, setup["example"])
     row = {
         "mode": mode + ("+heads" if mode == "structured" and args.heads else ""), "criterion": criterion,
         "sparsity": sparsity, **metrics,
@@ -271,15 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.criteria, args.sparsities, args.steps, args.n_eval = ["id_platon", "magnitude"], [0.6], 40, 100
         args.warmup_steps, args.initial_warmup, args.final_warmup, args.delta_t = 4, 1.0, 2.0, 4
-    from vlprune.testbed.train import tune_cpu_runtime
-
-    tune_cpu_runtime(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_cpu_setup(args.threads)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     setup = _setup(args.seed)

@@ -391,6 +391,7 @@ def test_search_widths_bad_input() -> None:
 def test_neuron_order_breaks_ties_by_index() -> None:
     s = torch.tensor([0.5, 0.0, 2.0, 0.0, 0.5])
     assert amp.neuron_order(s).tolist() == [2, 0, 4, 1, 3]
+    assert amp.neuron_ranks(s).tolist() == [3.0, 1.0, 4.0, 0.0, 2.0]
 
 
 def test_registered_criterion() -> None:

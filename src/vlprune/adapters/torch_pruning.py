@@ -394,17 +394,10 @@ class AMPEntropyImportance(tp.importance.Importance):
                 raise VLPruneError("give AMP scores, or calibration batches to compute them: AMPEntropyImportance(model=m, batches=...)")
             scores = amp.neuron_importance(model, batches, tau=tau, objective=objective, embed=embed)
         layouts = amp.find_mlps(model, list(scores))
-        self.rank = rank
         self.scores: dict[str, torch.Tensor] = {}
         self._by_module: dict[nn.Module, tuple[str, bool]] = {}
         for name, layout in layouts.items():
-            s = scores[name].detach().float().cpu()
-            if rank:
-                order = amp.neuron_order(s)
-                ranks = torch.empty_like(s)
-                ranks[order] = torch.arange(len(s) - 1, -1, -1, dtype=s.dtype)
-                s = ranks
-            self.scores[name] = s
+            self.scores[name] = amp.neuron_ranks(scores[name]) if rank else scores[name].detach().float().cpu()
             for path in (layout.up, layout.gate):
                 if path:
                     self._by_module[model.get_submodule(path)] = (name, True)
@@ -427,8 +420,7 @@ class AMPEntropyImportance(tp.importance.Importance):
                     f"AMP scores of {name} are for {len(self.scores[name])} neurons but the MLP now has {width}; "
                     "AMP importance is one-shot: prune in one step (iterative_steps=1) or recompute the scores"
                 )
-            root = torch.as_tensor(group[0].idxs, dtype=torch.long)
-            if len(idxs) != len(root):
+            if len(idxs) != len(group[0].idxs):
                 continue
             return self.scores[name][torch.as_tensor(idxs, dtype=torch.long)].clone()
         return None
@@ -454,7 +446,7 @@ def amp_ratio_dict(model: nn.Module, widths: Mapping[str, int]) -> dict[nn.Modul
     out: dict[nn.Module, float] = {}
     for name, k in widths.items():
         layout = layouts[name]
-        size = int(model.get_submodule(layout.down).in_features)  # type: ignore[arg-type]
+        size = amp.hidden_size(model, layout)
         if not (isinstance(k, int) and 1 <= k <= size):
             raise VLPruneError(f"width of {name} must be an integer in [1, {size}], got {k!r}")
         if k == size:
@@ -618,10 +610,9 @@ class KeepHeads(tp.importance.Importance):
     (``1 - attentions * min_heads / total heads``); beyond it tp's global threshold itself falls on a
     lifted head and empties layers anyway. :func:`prune_hf_model` checks this.
 
-    Not fixed by this wrapper: Torch-Pruning 1.6's iterative head pruning also fails
-    (``UnboundLocalError: head_thres``) on a step whose schedule removes no head while channels are
-    still pruned, e.g. the last steps of a cubic schedule; prune heads in one step, or on a schedule
-    that removes at least one head per step.
+    A second Torch-Pruning 1.6 failure, on an iterative step whose schedule removes no head
+    (``UnboundLocalError: head_thres``), is handled by :func:`step_pruner` /
+    :meth:`PlatonImportance.step`, not here.
 
     Caveat: in global mode Torch-Pruning ranks attention channels together with MLP channels even
     when head dims are not pruned (``prune_head_dims=False``), so lifting a head also shifts the

@@ -56,10 +56,13 @@ __all__ = [
     "onehot_objective",
     "default_embedding",
     "pooled_embedding",
+    "image_output",
     "batch_objective",
     "find_mlps",
     "neuron_importance",
     "neuron_order",
+    "neuron_ranks",
+    "hidden_size",
     "evaluate_objective",
     "neuron_masks",
     "search_widths",
@@ -160,6 +163,15 @@ def pooled_embedding(out: Any) -> torch.Tensor | None:
     return None
 
 
+def image_output(model: nn.Module, batch: Any) -> Any:
+    """``model.get_image_features(pixel_values=...)`` when the model has it and the batch holds
+    ``pixel_values`` (CLIP, SigLIP, BLIP, LLaVA: the image side only), else ``model(**batch)``."""
+    if isinstance(batch, Mapping) and "pixel_values" in batch and hasattr(model, "get_image_features"):
+        device = next(model.parameters()).device
+        return model.get_image_features(pixel_values=batch["pixel_values"].to(device))
+    return call_model(model, batch)
+
+
 def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
     """The image embedding AMP's objective is computed on.
 
@@ -172,12 +184,7 @@ def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
     Raises:
         ModelStructureError: the model gives no ``(B, D)`` embedding; pass ``embed=`` then.
     """
-    if isinstance(batch, Mapping) and "pixel_values" in batch and hasattr(model, "get_image_features"):
-        device = next(model.parameters()).device
-        out = model.get_image_features(pixel_values=batch["pixel_values"].to(device))
-    else:
-        out = call_model(model, batch)
-    z = pooled_embedding(out)
+    z = pooled_embedding(image_output(model, batch))
     base = getattr(model, "base_model", model)
     if z is None and isinstance(base, nn.Module) and base is not model:  # task heads: use the backbone
         inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, Mapping) else batch
@@ -258,7 +265,8 @@ def find_mlps(model: nn.Module, mlps: Iterable[str] | None = None) -> dict[str, 
     return {n: found[n] for n in names}
 
 
-def _hidden_size(model: nn.Module, layout: MLPLayout) -> int:
+def hidden_size(model: nn.Module, layout: MLPLayout) -> int:
+    """Number of hidden neurons of an MLP (its second linear's ``in_features``)."""
     down = model.get_submodule(layout.down)
     return int(down.in_features)  # type: ignore[arg-type]
 
@@ -388,6 +396,16 @@ def neuron_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(-s, stable=True)
 
 
+def neuron_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each neuron's rank in :func:`neuron_order` as a score: ``H - 1`` for the most important,
+    0 for the least; distinct even where scores tie, so "remove the lowest ``H - k``" removes
+    exactly the neurons outside ``neuron_order(scores)[:k]``."""
+    order = neuron_order(scores)
+    ranks = torch.empty(len(order), dtype=torch.float32)
+    ranks[order] = torch.arange(len(order) - 1, -1, -1, dtype=torch.float32)
+    return ranks
+
+
 # ----------------------------------------------------------------------------------------------
 # masks and evaluation
 # ----------------------------------------------------------------------------------------------
@@ -405,8 +423,7 @@ class _Masks:
             mask = self.masks[name]
             if mask is None or not args:
                 return None
-            x = args[0]
-            return (x * mask.to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
+            return (args[0] * mask,) + tuple(args[1:])
 
         return hook
 
@@ -421,12 +438,14 @@ class _Masks:
         self.handles.clear()
 
     def keep(self, name: str, idxs: torch.Tensor | None, size: int) -> None:
-        """Keep only hidden neurons ``idxs`` of MLP ``name`` (None: all)."""
+        """Keep only hidden neurons ``idxs`` of MLP ``name`` (None: all); the mask is made once, on
+        the second linear's device and dtype, so the hook only multiplies."""
         if idxs is None:
             self.masks[name] = None
             return
-        mask = torch.zeros(size)
-        mask[idxs] = 1.0
+        weight = self.model.get_submodule(self.layouts[name].down).weight
+        mask = torch.zeros(size, device=weight.device, dtype=weight.dtype)
+        mask[idxs.to(weight.device)] = 1.0
         self.masks[name] = mask
 
 
@@ -446,7 +465,7 @@ def neuron_masks(model: nn.Module, keep: Mapping[str, torch.Tensor | Sequence[in
     layouts = find_mlps(model, list(keep))
     masks = _Masks(model, layouts)
     for name, idxs in keep.items():
-        masks.keep(name, torch.as_tensor(idxs, dtype=torch.long), _hidden_size(model, layouts[name]))
+        masks.keep(name, torch.as_tensor(idxs, dtype=torch.long), hidden_size(model, layouts[name]))
     with masks:
         yield model
 
@@ -486,7 +505,7 @@ def _enclosing_block(model: nn.Module, mlp_name: str) -> tuple[nn.ModuleList, in
     parts = mlp_name.split(".")
     for end in range(len(parts) - 1, 0, -1):
         if parts[end].isdigit():
-            parent = model.get_submodule(".".join(parts[:end])) if end else model
+            parent = model.get_submodule(".".join(parts[:end]))
             if isinstance(parent, nn.ModuleList):
                 return parent, int(parts[end])
     return None
@@ -516,18 +535,19 @@ class _BlockReplay:
         self.cursor = [0]
         self.saved: list[nn.Module] = []
 
-    def record(self, model: nn.Module, data: Sequence[Any], fn: ObjectiveFn) -> float:
+    def record(self, model: nn.Module, data: Sequence[Any], fn: ObjectiveFn) -> None:
+        """One full pass over ``data`` keeping block ``i-1``'s output of every batch."""
+
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
             self.cache.append(_detach(output))
 
         handle = self.blocks[self.index - 1].register_forward_hook(hook)
         try:
-            value = _mean_objective(model, data, fn)
+            _mean_objective(model, data, fn)
         finally:
             handle.remove()
         if len(self.cache) != len(data):
             raise _ReplayUnusable(f"block ran {len(self.cache)} times over {len(data)} batches")
-        return value
 
     def __enter__(self) -> _BlockReplay:
         replay = _Replay(self.cache, self.cursor)
@@ -625,7 +645,7 @@ def search_widths(
     if not importance:
         raise VLPruneError("importance is empty: compute it with neuron_importance(model, batches) first")
     layouts = find_mlps(model, list(importance))
-    sizes = {n: _hidden_size(model, layouts[n]) for n in layouts}
+    sizes = {n: hidden_size(model, layouts[n]) for n in layouts}
     for n, s in importance.items():
         if s.dim() != 1 or s.numel() != sizes[n]:
             raise ModelStructureError(f"importance of {n} has {tuple(s.shape)} scores, the MLP has {sizes[n]} neurons")
@@ -685,9 +705,6 @@ def _replay_for(model: nn.Module, name: str, data: Sequence[Any], fn: ObjectiveF
         replay.record(model, data, fn)
         with replay:
             check = _mean_objective(model, data, fn, before=replay.set_batch)
-    except _ReplayUnusable as err:
-        logger.debug("AMP: no block replay for %s (%s)", name, err)
-        return None
     except Exception as err:  # noqa: BLE001 - a block that cannot be stood in for: full forwards
         logger.debug("AMP: no block replay for %s (%s: %s)", name, type(err).__name__, err)
         return None

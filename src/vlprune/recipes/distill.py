@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprune.errors import ModelStructureError, VLPruneError
-from vlprune.plugins.amp import pooled_embedding
+from vlprune.plugins.amp import image_output, pooled_embedding
 from vlprune.plugins.capture import call_model, preserved_mode
 from vlprune.recipes.finetune import train_loop
 
@@ -60,24 +60,17 @@ def default_features(model: nn.Module, batch: Mapping[str, Any], logits: bool = 
         ModelStructureError: nothing usable in the outputs (pass ``features=`` then).
     """
     out: dict[str, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    full = None
-    if "pixel_values" in batch and hasattr(model, "get_image_features"):
-        image = model.get_image_features(pixel_values=batch["pixel_values"].to(device))
-        embed = pooled_embedding(image)
-        hidden = getattr(image, "last_hidden_state", None)
-    else:
-        full = call_model(model, batch)
-        embed = pooled_embedding(full)
-        hidden = getattr(full, "last_hidden_state", None)
+    first = image_output(model, batch)
+    embed = pooled_embedding(first)
+    hidden = getattr(first, "last_hidden_state", None)
     if embed is not None:
         out["embed"] = embed
     if isinstance(hidden, torch.Tensor):
         out["tokens"] = hidden
     if logits:
-        if full is None:
-            full = call_model(model, {k: v for k, v in batch.items() if k != "labels"})
-        value = getattr(full, "logits", None)
+        value = getattr(first, "logits", None)  # image features carry none: run the whole model
+        if not isinstance(value, torch.Tensor):
+            value = getattr(call_model(model, {k: v for k, v in batch.items() if k != "labels"}), "logits", None)
         if isinstance(value, torch.Tensor):
             out["logits"] = value
     if not out:

@@ -77,6 +77,16 @@ def retrieval(model: nn.Module, split: str = "test", n: int = 500, batch_size: i
     return {"i2t_r1": i2t, "t2i_r1": t2i, "zeroshot_digit": zeroshot}
 
 
+def _decode(ids: list[int], words: dict[int, str], stop: set[int]) -> str:
+    """The words of ``ids`` up to the first stop token."""
+    tokens = []
+    for t in ids:
+        if t in stop:
+            break
+        tokens.append(words.get(t, "[UNK]"))
+    return " ".join(tokens)
+
+
 @torch.no_grad()
 def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], max_new_tokens: int = 20, batch_size: int = 100) -> list[str]:
     """Greedy answers of a testbed LLaVA to ``prompts`` about ``scenes`` (left-padded batches)."""
@@ -102,13 +112,7 @@ def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], ma
                 pixel_values=pixel_values(chunk).to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, eos_token_id=eos, pad_token_id=pad,
             )
-            for row in out[:, width:].tolist():
-                tokens = []
-                for t in row:
-                    if t in (eos, pad):
-                        break
-                    tokens.append(words.get(t, "[UNK]"))
-                answers.append(" ".join(tokens))
+            answers.extend(_decode(row, words, {eos, pad}) for row in out[:, width:].tolist())
     return answers
 
 
@@ -124,13 +128,7 @@ def generate_captions(model: nn.Module, scenes: list[Any], max_new_tokens: int =
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
             out = model.generate(pixel_values=pixel_values(chunk).to(device), max_new_tokens=max_new_tokens, do_sample=False)
-            for row in out.tolist():
-                tokens = []
-                for t in row[1:]:  # row[0] is [BOS]
-                    if t in stop:
-                        break
-                    tokens.append(words.get(t, "[UNK]"))
-                captions.append(" ".join(tokens))
+            captions.extend(_decode(row[1:], words, stop) for row in out.tolist())  # row[0] is [BOS]
     return captions
 
 

@@ -100,17 +100,23 @@ def blip_config() -> Any:
     )
 
 
+def _pad_right(rows: Sequence[Sequence[int]], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(len(rows), longest)`` tensor of ``rows`` and its 0/1 attention mask."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return out, mask
+
+
 def blip_batch(scenes: Sequence[Any]) -> dict[str, torch.Tensor]:
     """Captioning batch for the testbed BLIP: ``[BOS] caption [SEP]`` (BLIP stops at ``[SEP]``),
     labels = the ids with padding set to -100 (the decoder shifts them itself)."""
     vocab = vocab_index()
     rows = [[vocab["[BOS]"], *(vocab[w] for w in s.caption().split()), vocab["[SEP]"]] for s in scenes]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), vocab["[PAD]"])
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    input_ids, mask = _pad_right(rows, vocab["[PAD]"])
     labels = input_ids.masked_fill(mask == 0, -100)
     return {"pixel_values": pixel_values(scenes), "input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
@@ -149,14 +155,8 @@ def llava_batch(
         x, y = lm_example(prompt, answer)
         ids.append(x)
         labels.append(y)
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad)
-    label_t = torch.full((len(ids), width), -100)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        label_t[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
+    input_ids, mask = _pad_right(ids, pad)
+    label_t, _ = _pad_right(labels, -100)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "pixel_values": pixel_values(scenes)}
 
 

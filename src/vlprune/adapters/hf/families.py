@@ -418,10 +418,6 @@ def _head_shape(model: nn.Module, name: str, module: nn.Module, q_out: int, k_ou
 _OUT_NAMES = ("o_proj", "out_proj", "dense", "proj", "projection")
 
 
-_join = join
-_linear_child = linear_child
-
-
 def _declared_head_attr(module: nn.Module) -> int | None:
     for attr in ("num_heads", "num_attention_heads"):
         value = getattr(module, attr, None)
@@ -468,18 +464,18 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
     found: list[AttentionLayout] = []
     for name, module in modules.items():
         for q, k, v in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value")):
-            if all(_linear_child(module, x) is not None for x in (q, k, v)):
-                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
+            if all(linear_child(module, x) is not None for x in (q, k, v)):
+                out = next((join(name, o) for o in _OUT_NAMES if linear_child(module, o) is not None), None)
                 if out is None:  # BERT style: <attention>.self.{query,key,value} + <attention>.output.dense
                     parent = name.rpartition(".")[0]
-                    sibling = modules.get(_join(parent, "output.dense")) if name else None
-                    out = _join(parent, "output.dense") if isinstance(sibling, nn.Linear) else None
-                found.append(AttentionLayout(name, _join(name, q), _join(name, k), _join(name, v), out))
+                    sibling = modules.get(join(parent, "output.dense")) if name else None
+                    out = join(parent, "output.dense") if isinstance(sibling, nn.Linear) else None
+                found.append(AttentionLayout(name, join(name, q), join(name, k), join(name, v), out))
                 break
         else:
-            if _linear_child(module, "qkv") is not None and _declared_head_attr(module) is not None:
-                out = next((_join(name, o) for o in _OUT_NAMES if _linear_child(module, o) is not None), None)
-                qkv = _join(name, "qkv")
+            if linear_child(module, "qkv") is not None and _declared_head_attr(module) is not None:
+                out = next((join(name, o) for o in _OUT_NAMES if linear_child(module, o) is not None), None)
+                qkv = join(name, "qkv")
                 found.append(AttentionLayout(name, qkv, qkv, qkv, out, fused=True))
     return found
 

@@ -1,0 +1,35 @@
+"""Set-up shared by the benchmark scripts (imported as a sibling module: run them as
+``python benchmarks/<name>.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+
+def quiet_cpu_setup(threads: int) -> None:
+    """CPU settings of the testbed trainer (:func:`vlprune.testbed.train.tune_cpu_runtime`) and
+    no library chatter: warnings off, transformers logs at ERROR without progress bars."""
+    import transformers
+
+    from vlprune.testbed.train import tune_cpu_runtime
+
+    tune_cpu_runtime(threads)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.disable_progress_bar()
+
+
+def macs_and_params(model: torch.nn.Module, example: Any) -> tuple[float, float]:
+    """Torch-Pruning's MAC and parameter count of ``model`` on ``example`` (its printing silenced)."""
+    import torch_pruning as tp
+
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example)
+    return float(macs), float(params)
