@@ -1,0 +1,486 @@
+"""Bookkeeping after Torch-Pruning (or NNI through Torch-Pruning) changed a transformers model's shapes.
+
+Torch-Pruning changes the *shapes* of a model's linears, norms and embeddings; it does not know
+what the attention modules of a transformers model remember about those shapes (``num_heads``,
+``head_dim``, ``num_key_value_groups``, ``all_head_size`` ...) nor what the config says
+(``intermediate_size``, ``hidden_size`` ...). :func:`sync_hf_model` recomputes them from the weight
+shapes, so the pruned model runs, and runs *correctly* (a stale ``head_dim`` can reshape the
+queries into the wrong heads without any error).
+
+Everything is detected from the model itself (module names and shapes), not from a list of
+supported families: attentions are modules with ``q_proj/k_proj/v_proj`` or ``query/key/value``
+linear children (BERT style, output ``dense`` in the sibling ``output`` module) or a fused ``qkv``
+linear; MLPs are ``fc1/fc2``, ``(gate_proj,) up_proj/down_proj`` or BERT's
+``intermediate.dense/output.dense``.
+
+Example:
+    >>> import torch_pruning as tp                                  # doctest: +SKIP
+    >>> pruner = tp.pruner.BasePruner(model, inputs, importance=imp, pruning_ratio=0.4,
+    ...     global_pruning=True, num_heads=heads, prune_num_heads=True, prune_head_dims=False,
+    ...     ignored_layers=ignored)                                 # doctest: +SKIP
+    >>> pruner.step()                                               # doctest: +SKIP
+    >>> sync_hf_model(model, pruner=pruner)                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vlprune.adapters.hf.families import AttentionLayout, MLPLayout
+from vlprune.adapters.hf.families import attention_layouts as find_attentions
+from vlprune.adapters.hf.families import mlp_layouts as find_mlps
+from vlprune.errors import ModelStructureError, VLPruneError
+
+__all__ = [
+    "sync_hf_model",
+    "find_attentions",
+    "find_mlps",
+    "AttentionLayout",
+    "MLPLayout",
+    "ATTENTION_ATTRS",
+]
+
+logger = logging.getLogger(__name__)
+
+
+#: integer attention attributes :func:`sync_hf_model` keeps in step with the weight shapes
+ATTENTION_ATTRS: tuple[str, ...] = (
+    "num_heads",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_key_value_groups",
+    "head_dim",
+    "attention_head_size",
+    "all_head_size",
+    "embed_dim",
+)
+_HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
+_SCALE_ATTRS = ("scale", "scaling", "softmax_scale")
+_ROPE_KEYS = ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim", "partial_rotary_factor")
+
+
+# ---------------------------------------------------------------------------------------------
+# structure detection (generic: names and shapes only)
+# ---------------------------------------------------------------------------------------------
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for attr in names:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _head_count_attr(module: nn.Module) -> int | None:
+    return _int_attr(module, _HEAD_COUNT_ATTRS)
+
+
+def _owner_config(modules: dict[str, nn.Module], path: str) -> Any:
+    """The config of the innermost module on ``path`` (itself included) that has one."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts), -1, -1):
+        module = modules.get(".".join(parts[:i]))
+        cfg = getattr(module, "config", None) if module is not None else None
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            return cfg
+    return None
+
+
+def _config_key(model: nn.Module, cfg: Any) -> str:
+    root = getattr(model, "config", None)
+    if cfg is root:
+        return "config"
+    if root is not None:
+        for attr in getattr(root, "sub_configs", None) or ():
+            if getattr(root, attr, None) is cfg:
+                return f"config.{attr}"
+        for attr, value in vars(root).items():
+            if value is cfg:
+                return f"config.{attr}"
+    return f"config:{getattr(cfg, 'model_type', type(cfg).__name__)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# sync_hf_model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _AttnState:
+    layout: AttentionLayout
+    module: nn.Module
+    q_in: int
+    q_out: int
+    k_out: int
+    heads0: int | None
+    head_dim0: int | None
+    kv0: int | None
+    rotary: bool
+
+
+def _attn_state(modules: dict[str, nn.Module], att: AttentionLayout) -> _AttnState:
+    module = modules[att.name]
+    q, k, v = modules[att.q], modules[att.k], modules[att.v]
+    o = modules[att.o] if att.o else None
+    if att.fused:
+        if q.out_features % 3:
+            raise ModelStructureError(f"attention {att.name}: fused qkv width {q.out_features} is not 3 x a width")
+        q_out = k_out = v_out = q.out_features // 3
+    else:
+        q_out, k_out, v_out = q.out_features, k.out_features, v.out_features
+    if k_out != v_out:
+        raise ModelStructureError(
+            f"attention {att.name}: key width {k_out} != value width {v_out}; Torch-Pruning must prune "
+            "keys and values together (pass q, k and v in num_heads)"
+        )
+    if o is not None and o.in_features != q_out:
+        raise ModelStructureError(
+            f"attention {att.name}: output projection takes {o.in_features} channels but the query gives "
+            f"{q_out}; value heads narrower than query heads are not supported"
+        )
+    cfg = _owner_config(modules, att.name)
+    heads0 = _head_count_attr(module)
+    if heads0 is None and cfg is not None:
+        heads0 = _int_attr(cfg, ("num_attention_heads",))
+    head_dim0 = _int_attr(module, _HEAD_DIM_ATTRS)
+    if head_dim0 is None and heads0:
+        width = _int_attr(module, ("all_head_size", "inner_dim", "embed_dim"))
+        if width and width % heads0 == 0:
+            head_dim0 = width // heads0
+    kv0 = _int_attr(module, ("num_key_value_heads",))
+    groups = _int_attr(module, ("num_key_value_groups",))
+    if kv0 is None and heads0:
+        kv0 = heads0 // groups if groups else heads0
+    rotary = cfg is not None and any(getattr(cfg, key, None) is not None for key in _ROPE_KEYS)
+    return _AttnState(att, module, q.in_features, q_out, k_out, heads0, head_dim0, kv0, rotary)
+
+
+def _is_consistent(state: _AttnState) -> bool:
+    """The module's remaining attributes already describe its weight shapes."""
+    module, hd = state.module, state.head_dim0
+    if hd is None or state.q_out % hd or state.k_out % hd:
+        return False
+    heads, kv = state.q_out // hd, state.k_out // hd
+    if kv == 0 or heads % kv:
+        return False
+    expected = {
+        "num_heads": heads,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "num_key_value_groups": heads // kv,
+        "all_head_size": heads * hd,
+    }
+    if _head_count_attr(module) is None and _int_attr(module, ("num_key_value_groups",)) is None:
+        # nothing records the head count: consistent only if the shapes are the original ones
+        return state.heads0 is not None and heads == state.heads0 and kv == state.kv0
+    return all(getattr(module, a) == v for a, v in expected.items() if _int_attr(module, (a,)) is not None)
+
+
+def _explain(state: _AttnState, mode: str) -> tuple[int, int, int] | str:
+    """(heads, kv_heads, head_dim) under ``mode``, or why the shapes do not fit it."""
+    name = state.layout.name
+    if mode == "heads":
+        hd = state.head_dim0
+        if hd is None:
+            return f"attention {name}: its head_dim is unknown (no head_dim / attention_head_size attribute)"
+        if state.q_out % hd or state.k_out % hd:
+            return f"attention {name}: {state.q_out} query / {state.k_out} key channels are not whole heads of {hd}"
+        heads, kv = state.q_out // hd, state.k_out // hd
+    else:
+        heads, kv = state.heads0, state.kv0
+        if not heads or not kv:
+            return f"attention {name}: its number of heads is unknown (no num_heads attribute or config)"
+        if state.q_out % heads or state.k_out % kv or state.q_out // heads != state.k_out // kv:
+            return (
+                f"attention {name}: {state.q_out} query / {state.k_out} key channels do not split into "
+                f"{heads} / {kv} heads of one size"
+            )
+        hd = state.q_out // heads
+        if state.rotary and hd != state.head_dim0:
+            return (
+                f"attention {name}: rotary position embeddings fix head_dim at {state.head_dim0}; "
+                "prune whole heads"
+            )
+    if heads < 1 or kv < 1 or heads % kv:
+        return (
+            f"attention {name}: {heads} query heads cannot share {kv} key/value heads evenly; in GQA "
+            "attention prune the same number of query heads from every key/value group, or leave it out"
+        )
+    if state.layout.fused and heads * hd != state.q_in:
+        return (
+            f"attention {name}: a fused qkv attention derives its head size from the input width "
+            f"({state.q_in}), so its heads cannot be pruned; add its qkv linear to ignored_layers"
+        )
+    return heads, kv, hd
+
+
+def _attention_changes(state: _AttnState, heads: int, kv: int, hd: int) -> dict[str, int]:
+    values = {
+        "num_heads": heads,
+        "num_attention_heads": heads,
+        "n_heads": heads,
+        "num_key_value_heads": kv,
+        "num_key_value_groups": heads // kv,
+        "head_dim": hd,
+        "attention_head_size": hd,
+        "head_size": hd,
+        "all_head_size": heads * hd,
+        "embed_dim": state.q_in,
+    }
+    module = state.module
+    return {a: v for a, v in values.items() if _int_attr(module, (a,)) is not None and getattr(module, a) != v}
+
+
+def sync_hf_model(
+    model: nn.Module, *, pruned: Literal["heads", "head_dim", "auto"] = "auto"
+) -> dict[str, dict[str, int | float]]:
+    """Bring a transformers model's bookkeeping in line with its (pruned) weight shapes.
+
+    Attention modules: ``num_heads`` / ``num_attention_heads`` / ``num_key_value_heads`` /
+    ``num_key_value_groups`` / ``head_dim`` / ``attention_head_size`` / ``all_head_size`` /
+    ``embed_dim`` follow the q/k/v linears' shapes.
+
+    - ``pruned="heads"``: Torch-Pruning removed whole heads (``prune_num_heads=True,
+      prune_head_dims=False``); ``head_dim`` is kept.
+    - ``pruned="head_dim"``: it narrowed every head (``prune_num_heads=False``, its default); the
+      number of heads is kept.
+    - ``pruned="auto"``: the one of the two that explains every changed attention of the model;
+      if both do (e.g. 4 heads of 8 became 16 channels: 2 heads of 8, or 4 of 4), a
+      :class:`ModelStructureError` asks for ``pruned=``.
+
+    Attention scale: always the one the original model used, since its weights were trained with
+    it. With head pruning it is unchanged anyway. With head-dim pruning ``scale``/``scaling``
+    attributes are left alone, and in modules that derive the scale from the head size at run
+    time (BERT style: ``1/sqrt(attention_head_size)``) the factor ``sqrt(new/old head_dim)`` is
+    folded into the query weights and bias, so q.k is scaled by ``1/sqrt(old head_dim)``: the
+    pruned attention equals the original one with the removed dimensions zeroed.
+
+    Configs: a config cannot hold per-layer widths, so only sizes that stay uniform are written:
+    ``intermediate_size`` (or DINOv2's ``mlp_ratio``) when every MLP under that config has the same
+    width; ``num_attention_heads`` / ``num_key_value_heads`` when every attention under it has the
+    same head counts *and* the config states ``head_dim`` itself (else a config-built model would
+    derive a wrong head_dim from them); ``hidden_size`` (and ``embed_dim`` / ``hidden_size``
+    attributes of its modules) when every LayerNorm under that config has the same new width.
+    LayerNorms whose ``normalized_shape`` lags behind their weight are fixed. Everything else is in
+    the weight shapes, which :func:`save_pruned` records.
+
+    Everything is checked before anything is changed: if this raises, the model is as it was.
+    Calling it twice is harmless (the second call changes nothing).
+
+    Args:
+        model: the pruned model, changed in place.
+        pruned: what Torch-Pruning removed in attention modules (see above).
+
+    Returns:
+        ``{module path or "config" / "config.<sub_config>": {attribute: new value}}`` of what changed.
+
+    Raises:
+        ModelStructureError: shapes that no head layout explains (GQA query heads that are no
+            multiple of the key/value heads, a pruned fused qkv, ...), or an ambiguous ``"auto"``.
+        VLPruneError: an unknown ``pruned`` value.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> sync_hf_model(tiny_model("vit"))  # nothing pruned: nothing to change
+        {}
+    """
+    if pruned not in ("heads", "head_dim", "auto"):
+        raise VLPruneError(f"pruned must be 'heads', 'head_dim' or 'auto', got {pruned!r}")
+    modules = dict(model.named_modules())
+    states = [_attn_state(modules, a) for a in find_attentions(model)]
+    # plan everything first; nothing below changes the model until "apply"
+    mode, attn_plan = _plan_attentions(model, states, pruned)
+    config_plan = _plan_config_heads(modules, states, attn_plan)
+    mlp_attrs, mlp_configs = _plan_mlps(model, modules)
+    norm_shapes, hidden_attrs, hidden_configs = _plan_hidden(modules, skip={p.state.layout.name for p in attn_plan})
+    config_plan += mlp_configs + hidden_configs
+    # apply
+    plan: dict[str, dict[str, int | float]] = {}
+    with torch.no_grad():
+        for item in attn_plan:
+            for attr, value in item.changes.items():
+                setattr(item.state.module, attr, value)
+            if item.changes:
+                plan[item.state.layout.name] = dict(item.changes)
+            if item.fold is not None:
+                q = modules[item.state.layout.q]
+                q.weight.mul_(item.fold)
+                if q.bias is not None:
+                    q.bias.mul_(item.fold)
+                logger.info("sync_hf_model: %s: query scaled by %.4f to keep the original attention scale",
+                            item.state.layout.name, item.fold)
+    for module, path, attr, value in mlp_attrs + hidden_attrs:
+        setattr(module, attr, value)
+        plan.setdefault(path, {})[attr] = value
+    for norm, path, shape in norm_shapes:
+        norm.normalized_shape = shape
+        plan.setdefault(path, {})["normalized_shape"] = shape[0]
+    for cfg, values in config_plan:
+        for attr, value in values.items():
+            setattr(cfg, attr, value)
+        plan.setdefault(_config_key(model, cfg), {}).update(values)
+    if plan:
+        logger.info("sync_hf_model: updated %d module(s)/config(s) (attention mode %s)", len(plan), mode)
+    return plan
+
+
+@dataclass
+class _AttnPlan:
+    state: _AttnState
+    layout: tuple[int, int, int]  # heads, kv heads, head_dim
+    changes: dict[str, int]
+    fold: float | None  # factor for the query weights (keeps the original scale), or None
+
+
+def _plan_attentions(model: nn.Module, states: list[_AttnState], pruned: str) -> tuple[str, list[_AttnPlan]]:
+    """The attention mode and, for every attention whose attributes lag behind its shapes, the new ones."""
+    changed = [s for s in states if not _is_consistent(s)]
+    mode = pruned
+    if changed and pruned == "auto":
+        fits = {m: [_explain(s, m) for s in changed] for m in ("heads", "head_dim")}
+        ok = [m for m, res in fits.items() if all(isinstance(r, tuple) for r in res)]
+        if not ok:
+            reasons = [r for res in fits.values() for r in res if isinstance(r, str)]
+            raise ModelStructureError(f"sync_hf_model: {reasons[0]} (neither whole heads nor narrower heads fit)")
+        if len(ok) == 2 and fits["heads"] != fits["head_dim"]:
+            example = changed[0]
+            raise ModelStructureError(
+                f"sync_hf_model: the attention shapes of {type(model).__name__} fit both whole-head and head-dim "
+                f"pruning (e.g. {example.layout.name}: {example.q_out} query channels); pass pruned='heads' "
+                "(Torch-Pruning prune_num_heads=True, prune_head_dims=False) or pruned='head_dim'"
+            )
+        mode = ok[0]
+    plans = []
+    for state in changed:
+        res = _explain(state, mode)
+        if isinstance(res, str):
+            raise ModelStructureError(f"sync_hf_model(pruned={mode!r}): {res}")
+        heads, kv, hd = res
+        fold = None
+        has_scale = any(isinstance(getattr(state.module, a, None), float) for a in _SCALE_ATTRS)
+        if state.head_dim0 and hd != state.head_dim0 and not has_scale:
+            fold = math.sqrt(hd / state.head_dim0)  # scale derived from the head size at run time
+        plans.append(_AttnPlan(state, res, _attention_changes(state, heads, kv, hd), fold))
+    return mode, plans
+
+
+def _plan_config_heads(
+    modules: dict[str, nn.Module], states: list[_AttnState], plans: list[_AttnPlan]
+) -> list[tuple[Any, dict[str, int | float]]]:
+    """Head counts for configs whose attentions all agree, where the config states head_dim itself."""
+    planned = {p.state.layout.name: p.layout for p in plans}
+    by_cfg: dict[int, tuple[Any, set[tuple[int, int, int]]]] = {}
+    for state in states:
+        cfg = _owner_config(modules, state.layout.name)
+        if cfg is None:
+            continue
+        layout = planned.get(state.layout.name)
+        if layout is None:
+            hd = state.head_dim0 or 0
+            layout = (state.q_out // hd, state.k_out // hd, hd) if hd else (0, 0, 0)
+        by_cfg.setdefault(id(cfg), (cfg, set()))[1].add(layout)
+    out: list[tuple[Any, dict[str, int | float]]] = []
+    for cfg, layouts in by_cfg.values():
+        if len(layouts) != 1 or not isinstance(vars(cfg).get("head_dim"), int):
+            continue
+        heads, kv, hd = next(iter(layouts))
+        if hd != cfg.head_dim or not heads:
+            continue
+        new: dict[str, int | float] = {"num_attention_heads": heads}
+        if isinstance(getattr(cfg, "num_key_value_heads", None), int):
+            new["num_key_value_heads"] = kv
+        new = {a: v for a, v in new.items() if getattr(cfg, a) != v}
+        if new:
+            out.append((cfg, new))
+    return out
+
+
+def _plan_mlps(
+    model: nn.Module, modules: dict[str, nn.Module]
+) -> tuple[list[tuple[nn.Module, str, str, int]], list[tuple[Any, dict[str, int | float]]]]:
+    """``intermediate_size`` attributes of MLP modules, and config widths that stay uniform."""
+    attrs: list[tuple[nn.Module, str, str, int]] = []
+    widths: dict[int, tuple[Any, set[int]]] = {}
+    for mlp in find_mlps(model):
+        up, down = modules[mlp.up], modules[mlp.down]
+        gate = modules[mlp.gate] if mlp.gate else None
+        width = down.in_features
+        if up.out_features != width or (gate is not None and gate.out_features != width):
+            raise ModelStructureError(
+                f"MLP {mlp.name}: up/gate give {up.out_features}/{gate.out_features if gate else '-'} "
+                f"neurons but down takes {width}; prune them in one Torch-Pruning group"
+            )
+        for holder_path in dict.fromkeys((mlp.name, mlp.up.rpartition(".")[0])):
+            holder = modules[holder_path]
+            if _int_attr(holder, ("intermediate_size",)) is not None and holder.intermediate_size != width:
+                attrs.append((holder, holder_path, "intermediate_size", width))
+        cfg = _owner_config(modules, mlp.name)
+        if cfg is not None:
+            widths.setdefault(id(cfg), (cfg, set()))[1].add(width)
+    configs: list[tuple[Any, dict[str, int | float]]] = []
+    for cfg, sizes in widths.values():
+        if len(sizes) != 1:
+            logger.info("sync_hf_model: MLP widths differ per layer under %s; config left as is", type(cfg).__name__)
+            continue
+        width = next(iter(sizes))
+        hidden = getattr(cfg, "hidden_size", None)
+        if isinstance(getattr(cfg, "intermediate_size", None), int):
+            if cfg.intermediate_size != width:
+                configs.append((cfg, {"intermediate_size": width}))
+        elif isinstance(getattr(cfg, "mlp_ratio", None), (int, float)) and isinstance(hidden, int):
+            # DINOv2: width = int(hidden_size * mlp_ratio) (not for its SwiGLU variant)
+            if int(hidden * cfg.mlp_ratio) != width and not getattr(cfg, "use_swiglu_ffn", False):
+                if int(hidden * (width / hidden)) == width:
+                    configs.append((cfg, {"mlp_ratio": width / hidden}))
+    return attrs, configs
+
+
+def _plan_hidden(
+    modules: dict[str, nn.Module], skip: set[str]
+) -> tuple[
+    list[tuple[nn.LayerNorm, str, tuple[int, ...]]],
+    list[tuple[nn.Module, str, str, int]],
+    list[tuple[Any, dict[str, int | float]]],
+]:
+    """LayerNorm shapes lagging behind their weights, and a residual-stream width that changed
+    uniformly under a config (``hidden_size``, ``embed_dim`` / ``hidden_size`` attributes)."""
+    norm_shapes: list[tuple[nn.LayerNorm, str, tuple[int, ...]]] = []
+    widths: dict[int, tuple[Any, set[int]]] = {}
+    owner = {name: _owner_config(modules, name) for name in modules}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        is_norm = isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+        if not is_norm or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            continue
+        if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) != tuple(weight.shape):
+            norm_shapes.append((module, name, tuple(weight.shape)))
+        if owner[name] is not None:
+            widths.setdefault(id(owner[name]), (owner[name], set()))[1].add(weight.shape[0])
+    attrs: list[tuple[nn.Module, str, str, int]] = []
+    configs: list[tuple[Any, dict[str, int | float]]] = []
+    for cfg, sizes in widths.values():
+        old = getattr(cfg, "hidden_size", None)
+        if not isinstance(old, int) or isinstance(old, bool) or old in sizes:
+            continue
+        if len(sizes) != 1:
+            logger.warning("sync_hf_model: norms under %s have widths %s; hidden_size left at %d",
+                           type(cfg).__name__, sorted(sizes), old)
+            continue
+        new = next(iter(sizes))
+        configs.append((cfg, {"hidden_size": new}))
+        for name, module in modules.items():
+            if owner[name] is not cfg or name in skip:
+                continue
+            for attr in ("embed_dim", "hidden_size"):
+                value = getattr(module, attr, None)
+                if value == old and isinstance(value, int) and not isinstance(value, bool):
+                    attrs.append((module, name, attr, new))
+    return norm_shapes, attrs, configs
