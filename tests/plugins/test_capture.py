@@ -104,8 +104,11 @@ def test_hooks_removed_and_mode_restored_on_error() -> None:
         def result(self):
             return None
 
-    with pytest.raises(Boom):
+    from vlprune.errors import DataError
+
+    with pytest.raises(DataError) as info:  # a failing forward (hooks included) is reported with the batch
         capture(model, [torch.randn(2, 4)], ["a"], lambda n: Exploding(), progress=False)
+    assert isinstance(info.value.__cause__, Boom)
     assert not any(m._forward_hooks for m in model.modules())
     assert model.training and model.a.training and not model.drop.training
 
@@ -125,3 +128,14 @@ def test_runs_in_eval_without_grad_and_stops_early() -> None:
         n = cap.run([torch.randn(2, 4)] * 5, progress=False, stop_when=lambda: len(seen) >= 2)
     assert seen == [(False, False), (False, False)] and n == 4
     assert model.training
+
+
+def test_a_failing_forward_is_a_data_error_naming_what_the_model_takes() -> None:
+    from vlprune.errors import DataError
+    from vlprune.plugins.capture import call_model
+    from vlprune.testbed.tiny import tiny_model
+
+    model = tiny_model("vit")
+    with pytest.raises(DataError, match=r"takes no 'pixels'; it takes pixel_values") as info:
+        call_model(model, {"pixels": torch.zeros(1, 3, 32, 32)})
+    assert "pixels: float32(1, 3, 32, 32)" in str(info.value) and info.value.__cause__ is not None

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlprune.errors import DataError, ModelStructureError
+from vlprune.errors import DataError, ModelStructureError, VLPruneError
 
 __all__ = [
     "Representation",
@@ -293,15 +294,76 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _describe_batch(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe_value(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} of " + ", ".join(_describe_value(v) for v in batch)
+    return _describe_value(batch)
+
+
+def _forward_parameters(model: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _hint(model: nn.Module, batch: Any, message: str) -> str:
+    """What the model expected, where vlprune can tell."""
+    config = getattr(model, "config", None)
+    image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    if "image token" in message.lower() or (image_token is not None and "image" in message.lower()):
+        return (
+            f"{type(model).__name__} needs, in input_ids, one image token (id {image_token}) per visual feature "
+            "of each image in pixel_values (the processor inserts them; a tokenizer alone does not): build "
+            "batches with the model's processor(images=..., text=...), or for the testbed with "
+            "vlprune.testbed.batches('llava')"
+        )
+    if isinstance(batch, Mapping):
+        params = _forward_parameters(model)
+        unknown = [k for k in batch if params and k not in params]
+        if unknown:
+            return f"{type(model).__name__}.forward takes no {', '.join(map(repr, unknown))}; it takes {', '.join(params)}"
+        if params:
+            return (
+                f"{type(model).__name__}.forward takes {', '.join(params)}; check the batch's keys and shapes "
+                "(the testbed models' batches: vlprune.testbed.batches(name))"
+            )
+    return "check that the batch is what the model takes (dict -> model(**batch), tuple -> model(*batch), tensor -> model(batch))"
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on one batch: ``model(**batch)`` for a mapping, ``model(*batch)`` for a
-    tuple/list, else ``model(batch)``; tensors are moved to the model's device first."""
+    tuple/list, else ``model(batch)``; tensors are moved to the model's device first.
+
+    Raises:
+        DataError: the forward failed; the message names the batch's keys and shapes, what the
+            model takes and, where known, how to build batches it accepts (the original error is
+            chained as ``__cause__``).
+    """
     batch = _to(batch, _device_of(model))
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+    try:
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+    except VLPruneError:
+        raise
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{type(model).__name__} failed on a calibration batch {_describe_batch(batch)}: "
+            f"{type(exc).__name__}: {message}. {_hint(model, batch, str(exc))}"
+        ) from exc
 
 
 def _batch_mask(batch: Any) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ and an evaluation harness.
     >>> from vlprune.testbed import load, evaluate
     >>> model = load("clip")                      # offline, from the checkpoints in this package
     >>> evaluate(model, "retrieval")              # doctest: +SKIP
+    >>> calib = batches("clip", n_samples=64)      # what model(**batch) takes, for every testbed model
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 from torch import nn
 
 from vlprune.errors import RegistryError
+from vlprune.testbed.batches import batches, example_inputs
 from vlprune.testbed.evaluate import TASKS, evaluate
 
-__all__ = ["CHECKPOINTS", "MODELS", "TASKS", "load", "evaluate", "checkpoint_dir"]
+__all__ = ["CHECKPOINTS", "MODELS", "TASKS", "load", "evaluate", "checkpoint_dir", "batches", "example_inputs"]
 
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 MODELS: dict[str, str] = {
