@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from vlprune.errors import ModelStructureError, VLPruneError
+from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins.id_weighted import GroupIDReduce, group_id, id_weight
 from vlprune.plugins.intrinsic_dim import IDProfile
 from vlprune.plugins.platon import Platon, cubic_schedule
@@ -31,6 +31,7 @@ __all__ = [
     "PlatonImportance",
     "AMPEntropyImportance",
     "KeepHeads",
+    "KeepNeurons",
     "step_pruner",
     "head_step_guard",
     "amp_ratio_dict",
@@ -38,6 +39,8 @@ __all__ = [
     "pruning_steps",
     "group_layer_names",
     "check_ratio",
+    "call_importance",
+    "check_finite",
     "hf_pruner_kwargs",
     "prune_hf_model",
 ]
@@ -71,6 +74,80 @@ def group_layer_names(group: Any) -> list[str]:
     return out
 
 
+def _group_root(group: Any) -> str:
+    names = group_layer_names(group)
+    return names[0] if names else "?"
+
+
+def _missing_grads(group: Any) -> list[str]:
+    """Names of the group's parameterised layers whose weight has no ``.grad``."""
+    dg = getattr(group, "_DG", None)
+    names_of: Mapping[nn.Module, str] = getattr(dg, "_module2name", {}) if dg is not None else {}
+    out: list[str] = []
+    for dep, _ in group:
+        module = dep.target.module
+        weight = getattr(module, "weight", None)
+        if isinstance(module, _PARAM_TYPES) and isinstance(weight, torch.Tensor) and weight.grad is None:
+            name = names_of.get(module, dep.target.name.split(" (")[0])
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def call_importance(base: Any, group: Any, who: str = "importance") -> torch.Tensor | None:
+    """``base(group)`` with the two silent failures of gradient importances made loud.
+
+    * A base that reads ``.grad`` (``GroupTaylorImportance``, ...) on layers without gradients
+      fails inside Torch-Pruning with an ``AttributeError`` / ``TypeError``; this raises a
+      :class:`VLPruneError` saying to call ``loss.backward()`` first.
+    * NaN / inf scores (a NaN pixel, an overflowing loss) make Torch-Pruning's threshold NaN, and
+      it then prunes nothing without a word; this raises a :class:`DataError` naming the layer.
+
+    Args:
+        base: any Torch-Pruning importance.
+        group: a Torch-Pruning group.
+        who: the name used in error messages (the wrapper's class).
+
+    Returns:
+        The base's scores (None when the base skips the group).
+
+    Raises:
+        VLPruneError: no gradients on the group's layers.
+        DataError: non-finite scores.
+    """
+    try:
+        scores = base(group)
+    except (AttributeError, TypeError) as exc:
+        missing = _missing_grads(group)
+        if not missing:
+            raise
+        raise VLPruneError(
+            f"{who}: no gradients on {missing[:3]} (group rooted at {_group_root(group)}): "
+            f"{type(base).__name__} reads .grad; call loss.backward() before pruner.step() / prune_hf_model"
+        ) from exc
+    check_finite(scores, group, who)
+    return scores
+
+
+def check_finite(scores: torch.Tensor | None, group: Any, who: str = "importance") -> None:
+    """Raise a :class:`DataError` if ``scores`` (one per channel of ``group``) holds NaN or inf.
+
+    Torch-Pruning compares scores with a global threshold; a NaN score makes that threshold NaN
+    and nothing is pruned, silently."""
+    if scores is None or not isinstance(scores, torch.Tensor):
+        return
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    raise DataError(
+        f"{who}: {bad} of {scores.numel()} importance scores of the group rooted at {_group_root(group)} are "
+        "NaN or inf, so Torch-Pruning would prune nothing; likely NaN/inf in the gradients: check the batch "
+        "(e.g. a NaN pixel) and that the loss is finite before loss.backward(), then zero the gradients "
+        "(model.zero_grad()) and recompute them"
+    )
+
+
 class IDWeightedImportance(tp.importance.Importance):
     """Any Torch-Pruning importance, multiplied per group by the intrinsic dimension of its layers.
 
@@ -91,6 +168,11 @@ class IDWeightedImportance(tp.importance.Importance):
         group_id: ``"mean"`` | ``"root"`` | ``"max"`` | ``"min"``.
         missing: what to do with a group none of whose layers has an ID: ``"error"`` (default,
             a VLPruneError naming the layers) or ``"skip"`` (return None: tp leaves the group).
+
+    Raises (when called on a group):
+        ModelStructureError: no layer of the group has an ID (``missing="error"``).
+        VLPruneError: a gradient base on layers without gradients (call ``loss.backward()`` first).
+        DataError: NaN / inf scores (e.g. NaN gradients from a NaN in the batch).
 
     Example:
         >>> imp = IDWeightedImportance(tp.importance.GroupMagnitudeImportance(p=1), profile)  # doctest: +SKIP
@@ -143,7 +225,7 @@ class IDWeightedImportance(tp.importance.Importance):
         weight = self.group_weight(group)
         if weight is None:
             return None
-        scores = self.base(group)
+        scores = call_importance(self.base, group, type(self).__name__)
         if scores is None:
             return None
         return id_weight(scores, weight)
@@ -310,7 +392,9 @@ class PlatonImportance(tp.importance.GroupMagnitudeImportance):
                     group_idxs.append(root_idxs)
         if not group_imp:
             return None
-        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+        scores = self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+        check_finite(scores, group, type(self).__name__)
+        return scores
 
     def step(self, pruner: Any) -> int:
         """Run ``pruner.step()`` and remove the pruned channels from the PLATON state.
@@ -394,6 +478,12 @@ class AMPEntropyImportance(tp.importance.Importance):
                 raise VLPruneError("give AMP scores, or calibration batches to compute them: AMPEntropyImportance(model=m, batches=...)")
             scores = amp.neuron_importance(model, batches, tau=tau, objective=objective, embed=embed)
         layouts = amp.find_mlps(model, list(scores))
+        bad = [n for n, v in scores.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
+        if bad:
+            raise DataError(
+                f"AMP scores of {bad[:3]} hold NaN or inf, so Torch-Pruning would prune nothing there; likely NaN/inf "
+                "in the calibration batches or the objective: check the batches and recompute amp.neuron_importance"
+            )
         self.scores: dict[str, torch.Tensor] = {}
         self._by_module: dict[nn.Module, tuple[str, bool]] = {}
         for name, layout in layouts.items():
@@ -603,8 +693,8 @@ class KeepHeads(tp.importance.Importance):
     Torch-Pruning 1.6's global head ranking removes every head whose mean importance falls under
     one global threshold, with no per-layer floor: at high ratios it can empty a layer, and the
     next step then fails (division by zero). This wrapper lifts the ``min_heads`` most important
-    heads of each attention group to a huge score (``1e30``), so they are never under the
-    threshold; all other scores are the base importance's, unchanged.
+    heads of each attention group to a huge mean score (one channel of each set to ``1e30``), so
+    they are never under the threshold; all other scores are the base importance's, unchanged.
 
     Limit: the floor holds while the head ratio is at most :attr:`max_ratio`
     (``1 - attentions * min_heads / total heads``); beyond it tp's global threshold itself falls on a
@@ -615,8 +705,8 @@ class KeepHeads(tp.importance.Importance):
     :meth:`PlatonImportance.step`, not here.
 
     Caveat: in global mode Torch-Pruning ranks attention channels together with MLP channels even
-    when head dims are not pruned (``prune_head_dims=False``), so lifting a head also shifts the
-    global MLP ranking slightly (the lifted channels no longer take places at the bottom).
+    when head dims are not pruned (``prune_head_dims=False``), so lifting a head can shift the
+    global MLP ranking by one place (the lifted channel no longer takes a place at the bottom).
 
     Args:
         base: the importance to wrap (any ``tp.importance.Importance``).
@@ -662,7 +752,7 @@ class KeepHeads(tp.importance.Importance):
         return getattr(self.base, name)
 
     def __call__(self, group: Any) -> torch.Tensor | None:
-        imp = self.base(group)
+        imp = call_importance(self.base, group, type(self).__name__)
         if imp is None:
             return None
         for dep, _ in group:
@@ -673,10 +763,95 @@ class KeepHeads(tp.importance.Importance):
                     return imp
                 per_head = imp.view(heads, -1)
                 keep = torch.argsort(per_head.mean(dim=1), descending=True, stable=True)[: self.min_heads]
+                # one channel per kept head carries the lift: the head's mean is huge, and the
+                # global channel ranking (which tp also feeds with these channels) moves by one slot
                 lifted = per_head.clone()
-                lifted[keep] = self.LIFT
+                lifted[keep, per_head[keep].argmax(dim=1)] = _lift_value(imp)
                 return lifted.view(-1)
         return imp
+
+
+def _lift_value(imp: torch.Tensor) -> float:
+    """``KeepHeads.LIFT``, or the dtype's largest finite value if that is smaller (fp16)."""
+    return min(KeepHeads.LIFT, float(torch.finfo(imp.dtype).max)) if imp.is_floating_point() else KeepHeads.LIFT
+
+
+class KeepNeurons(tp.importance.Importance):
+    """Wrap any tp importance so that every MLP keeps at least ``min_neurons`` hidden neurons.
+
+    Torch-Pruning 1.6 removes, in a layer, every channel under the (global or local) threshold; a
+    layer all of whose channels are under it would be emptied, so tp skips that layer entirely and
+    prunes *nothing* there: at high ratios the removed fraction then falls as the ratio rises
+    (tiny LLaVA: 28% of the parameters at 0.5, 16% at 0.99). This wrapper lifts the
+    ``min_neurons`` most important neurons of each MLP group to a huge score, so no layer is ever
+    emptied and the removed fraction grows with the ratio. Scores are otherwise the base's; a
+    layer that would not have been emptied is pruned exactly as without the wrapper.
+
+    The floor holds while the ratio leaves room for the lifted neurons (the scope keeps
+    ``int(channels * (1 - ratio)) >= lifted`` channels); :func:`prune_hf_model` checks this and
+    refuses higher ratios.
+
+    Args:
+        base: the importance to wrap.
+        modules: the first linear(s) of each MLP (``fc1`` / ``up_proj`` / ``gate_proj``), the
+            roots of the neuron groups.
+        min_neurons: neurons each MLP keeps, >= 1.
+
+    Example:
+        >>> info = describe(model)                                                        # doctest: +SKIP
+        >>> ups = [model.get_submodule(m.up) for m in info.mlps]                          # doctest: +SKIP
+        >>> imp = KeepNeurons(tp.importance.GroupTaylorImportance(), ups)                  # doctest: +SKIP
+    """
+
+    def __init__(self, base: tp.importance.Importance, modules: Iterator[nn.Module] | list[nn.Module] | tuple[nn.Module, ...],
+                 min_neurons: int = 1) -> None:
+        if not (isinstance(min_neurons, int) and min_neurons >= 1):
+            raise VLPruneError(f"min_neurons must be an integer >= 1, got {min_neurons!r}")
+        self.base = base
+        self.modules = set(modules)
+        self.min_neurons = min_neurons
+
+    def __getattr__(self, name: str) -> Any:  # update() / step() of stateful bases
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        imp = call_importance(self.base, group, type(self).__name__)
+        if imp is None:
+            return None
+        for dep, _ in group:
+            if dep.target.module in self.modules and _matches(dep.handler, _OUT_FNS):
+                if len(imp) <= self.min_neurons:
+                    return imp
+                keep = torch.argsort(imp, descending=True, stable=True)[: self.min_neurons]
+                lifted = imp.clone()
+                lifted[keep] = _lift_value(imp)
+                return lifted
+        return imp
+
+
+def _scope_limits(pruner: Any, floors: Mapping[nn.Module, int]) -> tuple[float, float]:
+    """(largest global ratio, largest local ratio) that leave every floored group its floor.
+
+    ``floors``: root module (MLP first linear, q/k/v) -> channels lifted in its group. Only the
+    groups of Torch-Pruning's default scope count (those in ``pruning_ratio_dict`` are ranked apart)."""
+    total = lifted = 0
+    local = 1.0
+    dg = pruner.DG
+    for group in dg.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        if not pruner._check_pruning_ratio(group):
+            continue
+        outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+        if any(m in pruner._layer_to_scope for m in outs):
+            continue
+        n = len(group[0].idxs)
+        floor = next((floors[m] for m in outs if m in floors), 0)
+        total += n
+        lifted += floor
+        if floor:
+            local = min(local, 1.0 - floor / n)
+    return (1.0 - lifted / total if total else 1.0), local
 
 
 def prune_hf_model(
@@ -692,7 +867,8 @@ def prune_hf_model(
     modalities: tuple[str, ...] | None = None,
     pruning_ratio_dict: dict[nn.Module, float] | None = None,
     ignored_layers: list[nn.Module] | tuple[nn.Module, ...] = (),
-    min_heads: int | None = None,
+    min_heads: int | None = 1,
+    min_neurons: int | None = 1,
 ) -> dict[str, dict[str, int]]:
     """Prune a transformers model's MLP neurons and attention heads with Torch-Pruning, in one call.
 
@@ -700,17 +876,26 @@ def prune_hf_model(
     :func:`vlprune.adapters.hf.surgery.sync_hf_model`. If anything fails, the model's modules,
     parameters (the same objects) and config are restored before the error propagates.
 
+    Floors keep the removed fraction growing with the ratio: Torch-Pruning 1.6 skips a layer it
+    would empty (and prunes nothing there), so without them a higher ratio can remove *less*.
+    Every MLP keeps ``min_neurons`` neurons (:class:`KeepNeurons`) and every attention
+    ``min_heads`` heads (:class:`KeepHeads` in global mode); a ratio the floors cannot honour is
+    refused with the largest one that works, except the defaulted head ratio, which is capped.
+
     Args:
         model: the transformers model (pruned in place).
         example_inputs: a dict of tensors for tracing (``model(**example_inputs)``).
         importance: any tp importance (e.g. ``IDWeightedImportance``). Gradient-based ones need
             ``loss.backward()`` before this call.
         pruning_ratio: fraction of MLP neurons removed, in [0, 1).
-        head_pruning_ratio: fraction of heads removed (default: ``pruning_ratio``).
+        head_pruning_ratio: fraction of heads removed (default: ``pruning_ratio``, capped at what
+            ``min_heads`` allows when MLPs are pruned too).
         global_pruning: rank all groups together (right for heads; Torch-Pruning's local mode
             over-removes heads when iterated).
-        min_heads: in global mode, wrap ``importance`` in :class:`KeepHeads` so every attention
-            keeps at least this many heads (None: Torch-Pruning's own ranking, which can empty a layer).
+        min_heads: heads every attention keeps (default 1); None: Torch-Pruning's own head
+            ranking, which can empty an attention (tp then leaves it whole).
+        min_neurons: neurons every MLP keeps (default 1); None: no floor (tp then leaves a layer
+            it would empty whole).
         prune_heads / prune_mlp / modalities / ignored_layers: see :func:`hf_pruner_kwargs`.
         pruning_ratio_dict: per-module ratios (tp's ``pruning_ratio_dict``).
 
@@ -718,26 +903,58 @@ def prune_hf_model(
         What :func:`sync_hf_model` changed.
 
     Raises:
-        VLPruneError: a ratio outside [0, 1), nothing to prune, or a failure inside pruning.
+        VLPruneError: a ratio outside [0, 1) or above what the floors allow, nothing to prune,
+            missing gradients, nothing pruned although a ratio > 0 was asked, or a failure
+            inside pruning.
+        DataError: NaN / inf importance scores (e.g. from a NaN in the batch).
+
+    Example:
+        >>> imp = IDWeightedImportance(tp.importance.GroupTaylorImportance(), profile)   # doctest: +SKIP
+        >>> model(**batch).loss.backward(); prune_hf_model(model, example, imp, 0.4)      # doctest: +SKIP
     """
+    from vlprune.adapters.hf.families import describe
     from vlprune.adapters.hf.surgery import sync_hf_model
 
     check_ratio(pruning_ratio)
     head_ratio = check_ratio(pruning_ratio if head_pruning_ratio is None else head_pruning_ratio, "head pruning ratio")
     for module, ratio in (pruning_ratio_dict or {}).items():
         check_ratio(ratio, f"pruning ratio of {type(module).__name__}")
+    for value, what in ((min_heads, "min_heads"), (min_neurons, "min_neurons")):
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise VLPruneError(f"{what} must be an integer >= 1 or None, got {value!r}")
     kwargs = hf_pruner_kwargs(
         model, prune_heads=prune_heads, prune_mlp=prune_mlp, modalities=modalities, ignored_layers=ignored_layers
     )
     if not isinstance(example_inputs, dict):
         raise VLPruneError("example_inputs must be a dict of tensors, as passed to model(**example_inputs)")
-    if min_heads is not None and kwargs["prune_num_heads"] and global_pruning and not isinstance(importance, KeepHeads):
-        importance = KeepHeads(importance, kwargs["num_heads"], min_heads=min_heads)
-        if head_ratio > importance.max_ratio + 1e-9:
-            raise VLPruneError(
-                f"head pruning ratio {head_ratio} cannot keep {min_heads} head(s) in every attention: "
-                f"at most {importance.max_ratio:.3f} of the heads can go; lower head_pruning_ratio or min_heads"
-            )
+    floors: dict[nn.Module, int] = {}  # root module -> channels its group keeps (for the ratio limits)
+    if kwargs["prune_num_heads"] and min_heads is not None:
+        keep = KeepHeads(importance, kwargs["num_heads"], min_heads=min_heads)
+        atts = {m: h for m, h in kwargs["num_heads"].items()}
+        most = keep.max_ratio if global_pruning else min((h - min_heads) / h for h in atts.values())
+        if head_ratio > most + 1e-9:
+            if head_pruning_ratio is None and prune_mlp:
+                logger.info("head pruning ratio capped at %.3f so every attention keeps %d head(s)", most, min_heads)
+                head_ratio = max(0.0, most)
+            else:
+                raise VLPruneError(
+                    f"head pruning ratio {head_ratio} cannot keep {min_heads} head(s) in every attention: "
+                    f"at most {max(0.0, most):.3f} of the heads can go; lower head_pruning_ratio or min_heads"
+                )
+        if global_pruning and not isinstance(importance, KeepHeads):
+            importance = keep
+            floors.update({m: min_heads for m in atts})
+    if min_neurons is not None and prune_mlp:
+        ignored = set(kwargs["ignored_layers"])
+        roots = [
+            model.get_submodule(path)
+            for mlp in describe(model).mlps
+            for path in (mlp.up, mlp.gate)
+            if path and model.get_submodule(path) not in ignored
+        ]
+        importance = KeepNeurons(importance, roots, min_neurons=min_neurons)
+        floors.update({m: min_neurons for m in roots})
+    asked = pruning_ratio > 0 or head_ratio > 0 or any(r > 0 for r in (pruning_ratio_dict or {}).values())
     snap = _snapshot(model)
     try:
         pruner = tp.pruner.BasePruner(
@@ -750,7 +967,25 @@ def prune_hf_model(
             pruning_ratio_dict=dict(pruning_ratio_dict) if pruning_ratio_dict else None,
             **kwargs,
         )
+        if floors and prune_mlp:
+            most_global, most_local = _scope_limits(pruner, floors)
+            most = most_global if global_pruning else most_local
+            if pruning_ratio > most + 1e-9:
+                raise VLPruneError(
+                    f"pruning_ratio {pruning_ratio} cannot be honoured: Torch-Pruning would empty layers (and then "
+                    f"leave them whole, removing less than at a lower ratio); with min_neurons={min_neurons} and "
+                    f"min_heads={min_heads} at most {max(0.0, most):.3f} can go here; lower pruning_ratio "
+                    "(or min_neurons / min_heads)"
+                )
+        before = sum(p.numel() for p in model.parameters())
         pruner.step()
+        if asked and sum(p.numel() for p in model.parameters()) == before:
+            raise VLPruneError(
+                f"nothing was pruned although pruning_ratio={pruning_ratio} (heads {head_ratio}) was asked; the model is "
+                "left as it was. Likely causes: the importance skipped every group (returned None), its scores are all "
+                "equal or NaN, or the ratio is too small to remove one neuron / head; check the importance and raise "
+                "the ratio"
+            )
         return sync_hf_model(model, pruned="heads")
     except BaseException:
         _restore(snap)
