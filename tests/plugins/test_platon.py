@@ -83,6 +83,19 @@ def test_parameter_without_grad_is_skipped_with_a_warning() -> None:
     assert set(platon.names()) == {"0.weight", "0.bias"}
 
 
+def test_parameters_the_loss_does_not_reach_are_skipped_quietly(caplog) -> None:
+    """A model with a layer the loss never uses (LLaVA's vision post-norm) is no mistake: no warning."""
+    used, unused = nn.Linear(3, 2), nn.Linear(3, 2)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    used(torch.randn(4, 3)).sum().backward()
+    platon = Platon(delta_t=1)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="vlprune.plugins.platon"):
+        warnings.simplefilter("error")
+        platon.update(model)
+    assert set(platon.names()) == {"used.weight", "used.bias"}
+    assert "unused.weight" in caplog.text
+
+
 def test_prune_reparametrisation_keeps_plain_names() -> None:
     layer = nn.Linear(4, 2)
     torch_prune.random_unstructured(layer, "weight", amount=0.5)

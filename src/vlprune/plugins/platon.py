@@ -13,8 +13,9 @@ Conventions (the paper leaves them open; these follow its official code's order 
 ``Ibar`` and ``Ubar`` start at zero; the window closes on every ``delta_t``-th call of
 ``update()`` (the first time on the ``delta_t``-th call) and only then do the EMAs move, so scores
 are zero until the first window has closed. A parameter that has no gradient at a call (frozen, or
-``update()`` before ``backward()``) is skipped for that call with a warning; its window counts
-only the calls where it had one.
+``update()`` before ``backward()``) is skipped for that call: a warning when no parameter has one
+(a mistake), an info log otherwise (parameters the loss never reaches); its window counts only the
+calls where it had one.
 
 With ``torch.nn.utils.prune`` masks on a layer the trained parameter is ``<name>_orig``; its state
 is kept under the plain name (``layer.weight``), which is also the name :meth:`Platon.score` takes.
@@ -115,6 +116,7 @@ class Platon:
         items = named_parameters.named_parameters() if isinstance(named_parameters, nn.Module) else named_parameters
         self.calls += 1
         skipped: list[str] = []
+        scored = 0
         for raw_name, param in items:
             name = plain_name(raw_name)
             if self.include is not None and not self.include(name):
@@ -123,6 +125,7 @@ class Platon:
                 if param.requires_grad:
                     skipped.append(name)
                 continue
+            scored += 1
             sensitivity = (param.detach() * param.grad.detach()).abs()
             if sensitivity.dtype in (torch.float16, torch.bfloat16):
                 sensitivity = sensitivity.float()  # half-precision models keep float32 statistics
@@ -135,11 +138,17 @@ class Platon:
         new = [n for n in skipped if n not in self._warned]
         if new:
             self._warned.update(new)
-            warnings.warn(
-                f"PLATON skipped {len(new)} parameter(s) without a gradient (frozen, or update() called "
-                f"before loss.backward()): {new[:3]}{' ...' if len(new) > 3 else ''}",
-                stacklevel=2,
-            )
+            if not scored:  # nothing had a gradient: update() before backward(), or the loss reaches no weight
+                warnings.warn(
+                    f"PLATON skipped all {len(skipped)} trainable parameter(s), each without a gradient; call "
+                    f"platon.update(model) after loss.backward(): {new[:3]}{' ...' if len(new) > 3 else ''}",
+                    stacklevel=2,
+                )
+            else:  # parameters the loss does not reach (e.g. a vision tower's unused final norm)
+                logger.info(
+                    "PLATON skips %d parameter(s) the loss gives no gradient (never scored, never pruned by "
+                    "PLATON): %s%s", len(new), new[:3], " ..." if len(new) > 3 else "",
+                )
         if self.calls % self.delta_t != 0:
             return False
         self._close_window()
