@@ -1,5 +1,8 @@
 """Torch-Pruning on tiny transformers models, then sync_hf_model / save_pruned / load_pruned.
 
+(The code is in vlprune.adapters.hf.sync and .persist; these tests import it through the
+surgery re-export, which must keep working. More: test_sync.py, test_persist.py.)
+
 The pruned models are checked against an independent computation: removing heads, head
 dimensions or MLP neurons must equal zeroing their contributions in the *unpruned* model (the
 output-projection columns of removed heads/neurons, the query rows of removed head dimensions).
@@ -370,16 +373,28 @@ def test_sync_failure_leaves_model_unchanged() -> None:
     assert model.config.to_dict() == config and _attention_state(model) == state
 
 
-def test_sync_auto_asks_for_the_mode_when_shapes_are_ambiguous() -> None:
+def test_sync_auto_takes_whole_heads_and_warns_when_shapes_are_ambiguous(caplog) -> None:
+    """16 channels: 2 heads of 8, or 4 heads of 4. The default follows hf_pruner_kwargs (whole
+    heads) and the warning names the alternative and the way to be sure."""
+    model = _ambiguous_vit()
+    with caplog.at_level(logging.WARNING, logger="vlprune"):
+        record = sync_hf_model(model)
+    assert record["vit.layers.0.attention"] == {"num_attention_heads": 2}
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "2 heads of 8, or 4 heads of 4" in warning
+    assert "pruner=pruner" in warning and "pruned='head_dim'" in warning
+    model = _ambiguous_vit()
+    assert sync_hf_model(model, pruned="head_dim")["vit.layers.0.attention"] == {"head_dim": 4}
+    assert sync_hf_model(_ambiguous_vit(), pruned="heads") == record
+
+
+def _ambiguous_vit() -> nn.Module:
     model = tiny_model("vit")
     for layer in model.vit.layers:  # 16 channels: 2 heads of 8, or 4 heads of 4
         att = layer.attention
         att.q_proj, att.k_proj, att.v_proj = (nn.Linear(32, 16) for _ in range(3))
         att.o_proj = nn.Linear(16, 32)
-    with pytest.raises(ModelStructureError, match="pruned='heads'"):
-        sync_hf_model(model)
-    assert model.vit.layers[0].attention.num_attention_heads == 4
-    assert sync_hf_model(model, pruned="head_dim")["vit.layers.0.attention"] == {"head_dim": 4}
+    return model
 
 
 def test_sync_auto_decides_when_only_one_layout_fits() -> None:

@@ -24,8 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -184,42 +187,80 @@ def _is_consistent(state: _AttnState) -> bool:
     return all(getattr(module, a) == v for a, v in expected.items() if _int_attr(module, (a,)) is not None)
 
 
+def _layout_error(state: _AttnState, heads: int, kv: int, hd: int) -> str | None:
+    """Why ``heads`` query / ``kv`` key-value heads of ``hd`` cannot be this attention, or None."""
+    name = state.layout.name
+    if heads < 1 or kv < 1 or hd < 1 or heads % kv:
+        return (
+            f"attention {name}: {heads} query heads cannot share {kv} key/value heads evenly; in GQA "
+            "attention prune the same number of query heads from every key/value group, or leave it out"
+        )
+    if state.rotary and state.head_dim0 and hd != state.head_dim0:
+        return f"attention {name}: rotary position embeddings fix head_dim at {state.head_dim0}; prune whole heads"
+    if state.layout.fused and heads * hd != state.q_in:
+        return (
+            f"attention {name}: a fused qkv attention derives its head size from the input width "
+            f"({state.q_in}), so its heads cannot be pruned; add its qkv linear to ignored_layers"
+        )
+    return None
+
+
+def _fits_heads(state: _AttnState) -> bool:
+    """The q/k widths are whole heads of the original head_dim."""
+    hd = state.head_dim0
+    return bool(hd) and not state.q_out % hd and not state.k_out % hd
+
+
+def _fits_head_dims(state: _AttnState) -> bool:
+    """The q/k widths are the original head counts of one (narrower) size."""
+    heads, kv = state.heads0, state.kv0
+    return (
+        bool(heads and kv)
+        and not state.q_out % heads
+        and not state.k_out % kv
+        and state.q_out // heads == state.k_out // kv
+    )
+
+
 def _explain(state: _AttnState, mode: str) -> tuple[int, int, int] | str:
-    """(heads, kv_heads, head_dim) under ``mode``, or why the shapes do not fit it."""
+    """(heads, kv_heads, head_dim) under ``mode`` ("heads" or "head_dim"), or why the shapes do not fit it."""
     name = state.layout.name
     if mode == "heads":
         hd = state.head_dim0
         if hd is None:
             return f"attention {name}: its head_dim is unknown (no head_dim / attention_head_size attribute)"
-        if state.q_out % hd or state.k_out % hd:
+        if not _fits_heads(state):
             return f"attention {name}: {state.q_out} query / {state.k_out} key channels are not whole heads of {hd}"
         heads, kv = state.q_out // hd, state.k_out // hd
     else:
         heads, kv = state.heads0, state.kv0
         if not heads or not kv:
             return f"attention {name}: its number of heads is unknown (no num_heads attribute or config)"
-        if state.q_out % heads or state.k_out % kv or state.q_out // heads != state.k_out // kv:
+        if not _fits_head_dims(state):
             return (
                 f"attention {name}: {state.q_out} query / {state.k_out} key channels do not split into "
                 f"{heads} / {kv} heads of one size"
             )
         hd = state.q_out // heads
-        if state.rotary and hd != state.head_dim0:
-            return (
-                f"attention {name}: rotary position embeddings fix head_dim at {state.head_dim0}; "
-                "prune whole heads"
-            )
-    if heads < 1 or kv < 1 or heads % kv:
-        return (
-            f"attention {name}: {heads} query heads cannot share {kv} key/value heads evenly; in GQA "
-            "attention prune the same number of query heads from every key/value group, or leave it out"
-        )
-    if state.layout.fused and heads * hd != state.q_in:
-        return (
-            f"attention {name}: a fused qkv attention derives its head size from the input width "
-            f"({state.q_in}), so its heads cannot be pruned; add its qkv linear to ignored_layers"
-        )
-    return heads, kv, hd
+    error = _layout_error(state, heads, kv, hd)
+    return error if error is not None else (heads, kv, hd)
+
+
+#: what happened when Torch-Pruning removed q/k/v channels without knowing the heads, and the fix
+_NO_HEAD_LAYOUT = (
+    "Torch-Pruning was not told this attention's head layout, so it removed query/key/value channels "
+    "without regard to heads and no head_dim describes what is left"
+)
+_RERUN = (
+    "rerun pruning on the original model with tp.pruner.BasePruner(model, example_inputs, ..., "
+    "**vlprune.adapters.torch_pruning.hf_pruner_kwargs(model)) (it passes num_heads, output_transform and "
+    "the ignored layers), or pass num_heads={q/k/v linear: heads} to the pruner yourself, or put the q/k/v "
+    "linears in ignored_layers"
+)
+_BOTH = (
+    "it pruned both heads and head dims (prune_num_heads=True with prune_head_dims=True): call "
+    "sync_hf_model(model, pruner=pruner) with its pruner, which knows the head counts"
+)
 
 
 def _attention_changes(state: _AttnState, heads: int, kv: int, hd: int) -> dict[str, int]:
@@ -240,21 +281,35 @@ def _attention_changes(state: _AttnState, heads: int, kv: int, hd: int) -> dict[
 
 
 def sync_hf_model(
-    model: nn.Module, *, pruned: Literal["heads", "head_dim", "auto"] = "auto"
+    model: nn.Module,
+    *,
+    pruned: Literal["heads", "head_dim", "auto"] = "auto",
+    pruner: Any = None,
 ) -> dict[str, dict[str, int | float]]:
     """Bring a transformers model's bookkeeping in line with its (pruned) weight shapes.
 
     Attention modules: ``num_heads`` / ``num_attention_heads`` / ``num_key_value_heads`` /
     ``num_key_value_groups`` / ``head_dim`` / ``attention_head_size`` / ``all_head_size`` /
-    ``embed_dim`` follow the q/k/v linears' shapes.
+    ``embed_dim`` follow the q/k/v linears' shapes. How many heads a narrower q/k/v holds is
+    decided, for every attention whose attributes lag behind its shapes, by:
 
+    - ``pruner=`` the Torch-Pruning ``BasePruner`` that just ran ``step()`` (the sure way):
+      Torch-Pruning keeps ``pruner.num_heads[linear]`` at the current head count of every q/k/v
+      linear it was given, so each attention gets its exact heads and ``head_dim`` = width / heads,
+      whatever ``prune_num_heads`` / ``prune_head_dims`` were (both at once included). A changed
+      attention whose q/k/v linears are not in ``pruner.num_heads`` was pruned without its head
+      layout: :class:`ModelStructureError` says how to rerun pruning. ``pruned`` is then unused.
     - ``pruned="heads"``: Torch-Pruning removed whole heads (``prune_num_heads=True,
-      prune_head_dims=False``); ``head_dim`` is kept.
-    - ``pruned="head_dim"``: it narrowed every head (``prune_num_heads=False``, its default); the
-      number of heads is kept.
-    - ``pruned="auto"``: the one of the two that explains every changed attention of the model;
-      if both do (e.g. 4 heads of 8 became 16 channels: 2 heads of 8, or 4 of 4), a
-      :class:`ModelStructureError` asks for ``pruned=``.
+      prune_head_dims=False``, as :func:`~vlprune.adapters.torch_pruning.hf_pruner_kwargs` sets);
+      ``head_dim`` is kept.
+    - ``pruned="head_dim"``: it narrowed every head (``prune_num_heads=False, prune_head_dims=True``,
+      Torch-Pruning's own default when given ``num_heads``); the number of heads is kept.
+    - ``pruned="auto"`` (default): whole heads, since the attention modules still carry their
+      original ``head_dim``, unless the shapes show that head dims went (a query width that is
+      no multiple of the original ``head_dim`` in some attention): then narrower heads. If both
+      readings fit every attention and differ (4 heads of 8 became 16 channels: 2 heads of 8, or 4
+      of 4), whole heads are taken and a warning names the alternative. Without the pruner, a
+      prune of both heads and head dims cannot be told from shapes: pass ``pruner=``.
 
     Attention scale: always the one the original model used, since its weights were trained with
     it. With head pruning it is unchanged anyway. With head-dim pruning ``scale``/``scaling``
@@ -269,39 +324,47 @@ def sync_hf_model(
     same head counts *and* the config states ``head_dim`` itself (else a config-built model would
     derive a wrong head_dim from them); ``hidden_size`` (and ``embed_dim`` / ``hidden_size``
     attributes of its modules) when every LayerNorm under that config has the same new width.
-    LayerNorms whose ``normalized_shape`` lags behind their weight are fixed. Everything else is in
-    the weight shapes, which :func:`save_pruned` records.
+    A value is written only if it keeps the field's declared type and passes the config's own
+    checks (DINOv2's ``mlp_ratio`` is an ``int``: a width of 1.375 x hidden_size stays out, logged
+    at info level). LayerNorms whose ``normalized_shape`` lags behind their weight are fixed.
+    Everything else is in the weight shapes, which :func:`~vlprune.adapters.hf.persist.save_pruned`
+    records.
 
     Everything is checked before anything is changed: if this raises, the model is as it was.
     Calling it twice is harmless (the second call changes nothing).
 
     Args:
         model: the pruned model, changed in place.
-        pruned: what Torch-Pruning removed in attention modules (see above).
+        pruned: what Torch-Pruning removed in attention modules (see above), when no ``pruner``.
+        pruner: the ``tp.pruner.BasePruner`` (or subclass) that pruned ``model``; call this right
+            after its ``step()`` (after every step when pruning iteratively).
 
     Returns:
         ``{module path or "config" / "config.<sub_config>": {attribute: new value}}`` of what changed.
 
     Raises:
-        ModelStructureError: shapes that no head layout explains (GQA query heads that are no
-            multiple of the key/value heads, a pruned fused qkv, ...), or an ambiguous ``"auto"``.
-        VLPruneError: an unknown ``pruned`` value.
+        ModelStructureError: shapes that no head layout explains (q/k/v pruned without
+            ``num_heads``, GQA query heads that are no multiple of the key/value heads, a pruned
+            fused qkv, ...), or a ``pruner`` whose head counts do not match the model.
+        VLPruneError: an unknown ``pruned`` value, or a ``pruner`` without ``num_heads``.
 
     Example:
         >>> from vlprune.testbed.tiny import tiny_model
         >>> sync_hf_model(tiny_model("vit"))  # nothing pruned: nothing to change
         {}
+        >>> pruner.step(); sync_hf_model(model, pruner=pruner)       # doctest: +SKIP
     """
     if pruned not in ("heads", "head_dim", "auto"):
         raise VLPruneError(f"pruned must be 'heads', 'head_dim' or 'auto', got {pruned!r}")
+    head_counts = _pruner_head_counts(pruner) if pruner is not None else None
     modules = dict(model.named_modules())
     states = [_attn_state(modules, a) for a in find_attentions(model)]
     # plan everything first; nothing below changes the model until "apply"
-    mode, attn_plan = _plan_attentions(model, states, pruned)
+    mode, attn_plan = _plan_attentions(model, modules, states, pruned, head_counts)
     config_plan = _plan_config_heads(modules, states, attn_plan)
     mlp_attrs, mlp_configs = _plan_mlps(model, modules)
     norm_shapes, hidden_attrs, hidden_configs = _plan_hidden(modules, skip={p.state.layout.name for p in attn_plan})
-    config_plan += mlp_configs + hidden_configs
+    config_plan = _checked_config_plan(config_plan + mlp_configs + hidden_configs)
     # apply
     plan: dict[str, dict[str, int | float]] = {}
     with torch.no_grad():
@@ -340,36 +403,123 @@ class _AttnPlan:
     fold: float | None  # factor for the query weights (keeps the original scale), or None
 
 
-def _plan_attentions(model: nn.Module, states: list[_AttnState], pruned: str) -> tuple[str, list[_AttnPlan]]:
+def _pruner_head_counts(pruner: Any) -> dict[int, int]:
+    """``{id(q/k/v linear): current head count}`` from a Torch-Pruning pruner's ``num_heads``."""
+    num_heads = getattr(pruner, "num_heads", None)
+    if not isinstance(num_heads, Mapping):
+        raise VLPruneError(
+            f"pruner= takes the Torch-Pruning pruner that pruned the model (a tp.pruner.BasePruner, whose "
+            f"num_heads dict tracks the heads left); got a {type(pruner).__name__} without num_heads"
+        )
+    counts: dict[int, int] = {}
+    for module, heads in num_heads.items():
+        if isinstance(heads, int) and not isinstance(heads, bool):
+            counts[id(module)] = heads
+    return counts
+
+
+def _from_pruner(
+    state: _AttnState, linears: tuple[nn.Module, ...], counts: dict[int, int]
+) -> tuple[int, int, int] | str | None:
+    """(heads, kv_heads, head_dim) from the pruner's head counts; None if it does not know the attention."""
+    name = state.layout.name
+    known = [counts.get(id(m)) for m in linears]
+    if all(c is None for c in known):
+        return None
+    if state.layout.fused:
+        heads = kv = known[0]
+    else:
+        heads, kv = known[0], known[1]
+        if heads is None or kv is None or known[2] is None:
+            return (
+                f"attention {name}: pruner.num_heads lists only some of its q/k/v linears; give Torch-Pruning "
+                "all three (hf_pruner_kwargs(model) does)"
+            )
+    assert heads is not None and kv is not None
+    if heads < 1 or kv < 1 or state.q_out % heads or state.k_out % kv or state.q_out // heads != state.k_out // kv:
+        return (
+            f"attention {name}: the pruner says {heads} query / {kv} key heads but the linears have "
+            f"{state.q_out} / {state.k_out} channels; pass the pruner that pruned this model, right after its step()"
+        )
+    hd = state.q_out // heads
+    return _layout_error(state, heads, kv, hd) or (heads, kv, hd)
+
+
+def _plan_attentions(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    states: list[_AttnState],
+    pruned: str,
+    counts: dict[int, int] | None,
+) -> tuple[str, list[_AttnPlan]]:
     """The attention mode and, for every attention whose attributes lag behind its shapes, the new ones."""
     changed = [s for s in states if not _is_consistent(s)]
+    layouts: dict[str, tuple[int, int, int]] = {}
     mode = pruned
-    if changed and pruned == "auto":
-        fits = {m: [_explain(s, m) for s in changed] for m in ("heads", "head_dim")}
-        ok = [m for m, res in fits.items() if all(isinstance(r, tuple) for r in res)]
-        if not ok:
-            reasons = [r for res in fits.values() for r in res if isinstance(r, str)]
-            raise ModelStructureError(f"sync_hf_model: {reasons[0]} (neither whole heads nor narrower heads fit)")
-        if len(ok) == 2 and fits["heads"] != fits["head_dim"]:
-            example = changed[0]
-            raise ModelStructureError(
-                f"sync_hf_model: the attention shapes of {type(model).__name__} fit both whole-head and head-dim "
-                f"pruning (e.g. {example.layout.name}: {example.q_out} query channels); pass pruned='heads' "
-                "(Torch-Pruning prune_num_heads=True, prune_head_dims=False) or pruned='head_dim'"
-            )
-        mode = ok[0]
+    if counts is not None:
+        mode = "pruner"
+        for state in changed:
+            att = state.layout
+            linears = (modules[att.q],) if att.fused else (modules[att.q], modules[att.k], modules[att.v])
+            res = _from_pruner(state, linears, counts)
+            if res is None:
+                raise ModelStructureError(
+                    f"sync_hf_model(pruner=...): attention {att.name} has {state.q_out} query channels "
+                    f"(it had {state.heads0} heads of {state.head_dim0}) but its q/k/v linears are not in "
+                    f"pruner.num_heads: {_NO_HEAD_LAYOUT}. To prune its heads, {_RERUN}"
+                )
+            if isinstance(res, str):
+                raise ModelStructureError(f"sync_hf_model(pruner=...): {res}")
+            layouts[att.name] = res
+    else:
+        if changed and pruned == "auto":
+            mode = _auto_mode(model, changed)
+        for state in changed:
+            res = _explain(state, mode)
+            if isinstance(res, str):
+                hint = ""
+                if not _fits_heads(state) and not _fits_head_dims(state):
+                    hint = f": either {_NO_HEAD_LAYOUT} (then {_RERUN}), or {_BOTH}"
+                raise ModelStructureError(f"sync_hf_model(pruned={mode!r}): {res}{hint}")
+            layouts[state.layout.name] = res
     plans = []
     for state in changed:
-        res = _explain(state, mode)
-        if isinstance(res, str):
-            raise ModelStructureError(f"sync_hf_model(pruned={mode!r}): {res}")
-        heads, kv, hd = res
+        heads, kv, hd = layouts[state.layout.name]
         fold = None
         has_scale = any(isinstance(getattr(state.module, a, None), float) for a in _SCALE_ATTRS)
         if state.head_dim0 and hd != state.head_dim0 and not has_scale:
             fold = math.sqrt(hd / state.head_dim0)  # scale derived from the head size at run time
-        plans.append(_AttnPlan(state, res, _attention_changes(state, heads, kv, hd), fold))
+        plans.append(_AttnPlan(state, (heads, kv, hd), _attention_changes(state, heads, kv, hd), fold))
     return mode, plans
+
+
+def _auto_mode(model: nn.Module, changed: list[_AttnState]) -> str:
+    """Whole heads unless the shapes rule them out; narrower heads if only they fit; else an error."""
+    fits = {m: [_explain(s, m) for s in changed] for m in ("heads", "head_dim")}
+    ok = [m for m, res in fits.items() if all(isinstance(r, tuple) for r in res)]
+    if not ok:
+        for state, by_heads in zip(changed, fits["heads"]):
+            if not _fits_heads(state) and not _fits_head_dims(state):
+                raise ModelStructureError(
+                    f"sync_hf_model: attention {state.layout.name}: {state.q_out} query / {state.k_out} key "
+                    f"channels are neither whole heads of {state.head_dim0} nor {state.heads0} heads of one size: "
+                    f"either {_NO_HEAD_LAYOUT} (then {_RERUN}), or {_BOTH}"
+                )
+        reasons = [r for res in fits.values() for r in res if isinstance(r, str)]
+        raise ModelStructureError(f"sync_hf_model: {reasons[0]} (neither whole heads nor narrower heads fit)")
+    if ok == ["heads", "head_dim"] and fits["heads"] != fits["head_dim"]:
+        example = next(s for s, a, b in zip(changed, fits["heads"], fits["head_dim"]) if a != b)
+        assert example.head_dim0 and example.heads0
+        logger.warning(
+            "sync_hf_model: the attention shapes of %s fit both whole-head and head-dim pruning (e.g. %s: %d "
+            "query channels = %d heads of %d, or %d heads of %d); taking whole heads (Torch-Pruning "
+            "prune_num_heads=True, prune_head_dims=False, as hf_pruner_kwargs sets). If Torch-Pruning narrowed "
+            "the heads instead (its default prune_head_dims=True), call sync_hf_model(model, pruner=pruner) with "
+            "the pruner, which never guesses, or pass pruned='head_dim'",
+            type(model).__name__, example.layout.name, example.q_out, example.q_out // example.head_dim0,
+            example.head_dim0, example.heads0, example.q_out // example.heads0,
+        )
+    return ok[0]
 
 
 def _plan_config_heads(
@@ -435,12 +585,94 @@ def _plan_mlps(
         if isinstance(getattr(cfg, "intermediate_size", None), int):
             if cfg.intermediate_size != width:
                 configs.append((cfg, {"intermediate_size": width}))
-        elif isinstance(getattr(cfg, "mlp_ratio", None), (int, float)) and isinstance(hidden, int):
+        elif isinstance(getattr(cfg, "mlp_ratio", None), (int, float)) and isinstance(hidden, int) and hidden > 0:
             # DINOv2: width = int(hidden_size * mlp_ratio) (not for its SwiGLU variant)
             if int(hidden * cfg.mlp_ratio) != width and not getattr(cfg, "use_swiglu_ffn", False):
+                # an int ratio where it is exact, else a float one: _checked_config_plan keeps the
+                # first that the field's declared type accepts
+                ratios: list[int | float] = [width // hidden] if width % hidden == 0 else []
                 if int(hidden * (width / hidden)) == width:
-                    configs.append((cfg, {"mlp_ratio": width / hidden}))
+                    ratios.append(width / hidden)
+                configs.append((cfg, {"mlp_ratio": ratios}))  # type: ignore[dict-item]
     return attrs, configs
+
+
+def _field_accepts(cfg: Any, attr: str, value: Any) -> str | None:
+    """Why ``cfg.<attr> = value`` would break the field's declared type, or None if it is fine.
+
+    Uses the config's own field validators where it has them (transformers 5.x configs are
+    ``huggingface_hub`` strict dataclasses), else the dataclass field's annotation if it is a plain
+    type; a field without a declared type accepts anything."""
+    validators = getattr(type(cfg), "__validators__", None)
+    if isinstance(validators, Mapping) and attr in validators:
+        for check in validators[attr]:
+            try:
+                check(value)
+            except (TypeError, ValueError) as exc:
+                return str(exc)
+        return None
+    declared: Any = None
+    if dataclasses.is_dataclass(cfg):
+        declared = next((f.type for f in dataclasses.fields(cfg) if f.name == attr), None)
+    if isinstance(declared, type):
+        if not isinstance(value, declared) or (declared is int and isinstance(value, bool)):
+            return f"field {attr!r} is declared {declared.__name__}, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _config_checks(cfg: Any) -> Callable[[dict[str, Any]], str | None]:
+    """A function: {attr: value} -> why a copy of ``cfg`` with those values fails its own checks
+    (field validators on assignment, then the class validators ``validate()`` that
+    ``save_pretrained`` also runs), or None. Checks the config already fails are not held against it."""
+
+    def run(values: dict[str, Any]) -> str | None:
+        trial = copy.deepcopy(cfg)
+        try:
+            for attr, value in values.items():
+                setattr(trial, attr, value)
+            if callable(getattr(trial, "validate", None)):
+                trial.validate()
+        except Exception as exc:  # StrictDataclass*Error, ValueError, ... from the config's own code
+            return f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return None
+
+    if run({}) is not None:
+        return lambda values: None
+    return run
+
+
+def _checked_config_plan(
+    plan: list[tuple[Any, dict[str, Any]]]
+) -> list[tuple[Any, dict[str, int | float]]]:
+    """The planned config values that keep their fields' declared types and the config's own checks.
+
+    A value may be a list of candidates (the first that fits is taken). Each value is tried on a
+    copy of the config (field validators, then the class validators ``validate()`` that
+    ``save_pretrained`` runs too); what does not fit is left out and logged at info level: the
+    width stays in the weight shapes, which ``save_pruned`` records."""
+    merged: dict[int, tuple[Any, dict[str, Any]]] = {}
+    for cfg, values in plan:
+        merged.setdefault(id(cfg), (cfg, {}))[1].update(values)
+    out: list[tuple[Any, dict[str, int | float]]] = []
+    for cfg, values in merged.values():
+        checks = _config_checks(cfg)
+        accepted: dict[str, int | float] = {}
+        for attr, options in values.items():
+            why = "no value expresses it"
+            for value in options if isinstance(options, list) else [options]:
+                why = _field_accepts(cfg, attr, value) or checks({**accepted, attr: value}) or ""
+                if not why:
+                    accepted[attr] = value
+                    break
+            if attr not in accepted:
+                logger.info(
+                    "sync_hf_model: %s.%s left at %r (the pruned size %r does not fit it: %s); the shapes are "
+                    "in the weights and in the record save_pruned writes",
+                    type(cfg).__name__, attr, getattr(cfg, attr, None), options, why,
+                )
+        if accepted:
+            out.append((cfg, accepted))
+    return out
 
 
 def _plan_hidden(
