@@ -14,7 +14,6 @@ import contextlib
 import copy
 import io
 import logging
-import random
 import statistics
 import sys
 import time
@@ -68,14 +67,12 @@ class _Setup:
 
 def _setup(model_name: str, n_samples: int, seed: int) -> _Setup:
     if model_name == "testbed":
-        from vlprune.testbed import evaluate, load
-        from vlprune.testbed.data import make_scenes
-        from vlprune.testbed.train import llava_batch
+        from vlprune.testbed import batches, evaluate, example_inputs, load
 
         model = load("llava")
-        grad = [llava_batch(make_scenes("val", 32, seed=seed + i), random.Random(seed + i)) for i in range(n_samples // 32)]
-        calib = [{k: v for k, v in b.items() if k != "labels"} for b in grad]
-        example = {k: v[:2] for k, v in calib[0].items()}
+        calib = batches("llava", n_samples=n_samples, batch_size=32, seed=seed)  # val-split scenes
+        grad = batches("llava", n_samples=4 * 32, batch_size=32, labels=True, seed=seed)
+        example = example_inputs("llava", seed=seed)
         reference = {k: v[:4] for k, v in calib[-1].items()}
 
         def quality(m: torch.nn.Module) -> dict[str, float]:
@@ -83,7 +80,7 @@ def _setup(model_name: str, n_samples: int, seed: int) -> _Setup:
             scores.update(evaluate(m, "caption", n=100))
             return scores
 
-        return _Setup(model, "testbed LLaVA (trained on real-digit scenes)", calib, grad[:4], example, reference, quality)
+        return _Setup(model, "testbed LLaVA (trained on real-digit scenes)", calib, grad, example, reference, quality)
     family = model_name.removeprefix("tiny-")
     model = tiny_model(family, seed=seed)
     calib = [example_inputs(family, batch_size=16, seed=seed + 1 + i) for i in range(n_samples // 16)]
