@@ -1,23 +1,38 @@
 """Save and reload pruned transformers models: :func:`save_pruned` / :func:`load_pruned`.
 
-A stock config cannot describe per-layer widths, or heads narrower than ``hidden_size /
-num_heads``, so ``from_pretrained`` alone cannot reload every pruned model. :func:`save_pruned` writes
-``save_pretrained`` output plus :data:`SHAPES_FILE`, a JSON record of every module whose parameter
+A pruned model's directory is self-contained: ``save_pretrained`` output (config + safetensors),
+the tokenizer / processor files (given as ``processor=``, or copied from the local directory the
+model was loaded from), and :data:`SHAPES_FILE`, a JSON record of every module whose parameter
 shapes or simple attributes differ from a fresh model built from the saved config, and of the
-weights that are tied. :func:`load_pruned` rebuilds the model from its config (nothing is
-downloaded), applies the record and loads the weights strictly. The model object is never pickled.
+weights that are tied. The model object is never pickled.
+
+Two ways to load it:
+
+- :func:`load_pruned` always works: it rebuilds the model from its config (nothing is downloaded),
+  applies the record and loads the weights strictly.
+- plain ``transformers`` (``AutoModel...from_pretrained(dir)``) works when the config describes
+  every shape, i.e. the record lists no module: uniform MLP widths and head counts under each
+  (sub-)config, which :func:`~vlprune.adapters.hf.sync.sync_hf_model` writes into the config. It
+  cannot describe per-layer widths, or heads narrower than ``hidden_size / num_heads`` in families
+  that derive ``head_dim`` from them (CLIP, ViT, ...): then ``from_pretrained`` fails with its
+  size-mismatch report. transformers 5.x gives a config no hook to change that error, so
+  ``config.json`` carries a ``"vlprune"`` entry saying which case it is and to load with
+  ``vlprune.load_pruned`` (:data:`CONFIG_KEY`).
 
 Example:
-    >>> save_pruned(model, "pruned/")                               # doctest: +SKIP
+    >>> save_pruned(model, "pruned/", processor=processor)         # doctest: +SKIP
     >>> model = load_pruned("pruned/")                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import json
 import logging
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,13 +42,31 @@ from torch import nn
 
 from vlprune.errors import VLPruneError
 
-__all__ = ["save_pruned", "load_pruned", "SHAPES_FILE"]
+__all__ = ["save_pruned", "load_pruned", "SHAPES_FILE", "CONFIG_KEY", "PROCESSOR_FILES"]
 
 logger = logging.getLogger(__name__)
 
 #: name of the shape record :func:`save_pruned` writes next to the weights
 SHAPES_FILE = "vlprune_shapes.json"
 _FORMAT = "vlprune.shapes/1"
+#: the entry :func:`save_pruned` adds to ``config.json``: how to load the directory
+CONFIG_KEY = "vlprune"
+#: tokenizer / processor files :func:`save_pruned` copies from the directory a model was loaded from
+PROCESSOR_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",  # sentencepiece: tokenizer.model, spiece.model, sentencepiece.bpe.model
+    "preprocessor_config.json",  # image processor / feature extractor
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
 
 
 _SIMPLE = (bool, int, float, str, type(None))
@@ -130,26 +163,104 @@ def _main_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = False) -> Path:
+def _source_dir(model: nn.Module) -> Path | None:
+    """The local directory ``model`` was loaded from (``from_pretrained`` / :func:`load_pruned`), if any."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not name or not isinstance(name, (str, Path)):
+        return None
+    path = Path(name)
+    return path if path.is_dir() else None
+
+
+def _save_processor_files(model: nn.Module, processor: Any, directory: Path) -> list[str]:
+    """Write ``processor`` and copy the tokenizer / processor files of the model's source directory
+    (those the processor did not write) into ``directory``; the names written."""
+    written: list[str] = []
+    if processor is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            processor.save_pretrained(tmp)
+            for f in sorted(Path(tmp).iterdir()):
+                target = directory / f.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                shutil.move(str(f), str(target))
+                written.append(f.name)
+    source = _source_dir(model)
+    if source is not None and source.resolve() != directory.resolve():
+        for f in sorted(source.iterdir()):
+            if f.is_file() and f.name not in written and any(fnmatch.fnmatch(f.name, p) for p in PROCESSOR_FILES):
+                shutil.copy2(f, directory / f.name)
+                written.append(f.name)
+        logger.info("save_pruned: tokenizer / processor files from %s: %s", source, written or "none")
+    elif source is None and processor is None:
+        logger.info(
+            "save_pruned: no processor= given and the model was not loaded from a local directory: "
+            "the saved directory holds no tokenizer / processor"
+        )
+    return written
+
+
+def _mark_config(directory: Path, changed: int, from_pretrained: bool) -> None:
+    """Add the :data:`CONFIG_KEY` entry to the saved ``config.json``."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if from_pretrained:
+        note = (
+            "pruned by vlprune; this config describes every shape, so transformers' from_pretrained "
+            "loads it (and so does vlprune.load_pruned)"
+        )
+    else:
+        note = (
+            f"pruned by vlprune; {changed} module(s) have shapes this config cannot express (per-layer "
+            f"widths or head sizes, listed in {SHAPES_FILE}), so transformers' from_pretrained reports "
+            "size mismatches: load this directory with vlprune.load_pruned(directory)"
+        )
+    config[CONFIG_KEY] = {
+        "format": _FORMAT,
+        "shapes_file": SHAPES_FILE,
+        "load_with": "vlprune.load_pruned",
+        "from_pretrained": from_pretrained,
+        "note": note,
+    }
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_pruned(
+    model: nn.Module, directory: str | Path, *, processor: Any = None, progress: bool = False
+) -> Path:
     """Save a (pruned) transformers model so that :func:`load_pruned` rebuilds it exactly.
 
     Writes ``model.save_pretrained(directory)`` (config + safetensors) and :data:`SHAPES_FILE`:
     the model class, the transformers version, the attention implementation, dtypes, tied weights,
     and for every module whose parameter/buffer shapes or simple attributes (``in_features``,
     ``normalized_shape``, ``num_heads``, ``head_dim``, ``scale`` ...) differ from a fresh model
-    built from ``model.config``: those shapes and attributes. Call :func:`sync_hf_model` first.
+    built from ``model.config``: those shapes and attributes. Call
+    :func:`~vlprune.adapters.hf.sync.sync_hf_model` first (it writes the sizes a config can hold).
+
+    The directory is self-contained: ``processor`` (a processor, tokenizer or image processor:
+    anything with ``save_pretrained``) is saved into it, and the tokenizer / processor files
+    (:data:`PROCESSOR_FILES`) of the local directory the model was loaded from
+    (``model.name_or_path``, as for the testbed checkpoints) are copied, except those ``processor``
+    wrote. ``config.json`` gets a :data:`CONFIG_KEY` entry: ``"from_pretrained": true`` when the
+    config describes every shape (the record lists no module, the same weights are tied and all
+    parameters share one dtype), so plain ``transformers`` ``from_pretrained(directory)`` gives
+    the same model; else ``false``, with a note to load it with :func:`load_pruned` (per-layer
+    widths, heads narrower than the config implies: ``from_pretrained`` then fails with its
+    size-mismatch report).
 
     Args:
         model: a ``transformers.PreTrainedModel``, pruned or not (not changed).
         directory: output directory (created if needed).
+        processor: a processor / tokenizer / image processor to save alongside, or None.
         progress: show transformers' "Writing model shards" progress bar.
 
     Returns:
         The directory, as a ``Path``.
 
     Raises:
-        VLPruneError: not a transformers model, modules added/removed/replaced by other types,
-            a reshaped non-persistent buffer, or weights ``save_pretrained`` renames irreversibly.
+        VLPruneError: not a transformers model, a ``processor`` without ``save_pretrained``,
+            modules added/removed/replaced by other types, a reshaped non-persistent buffer, or
+            weights ``save_pretrained`` renames irreversibly. Nothing is written then.
 
     Example:
         >>> from vlprune.testbed.tiny import tiny_model
@@ -160,6 +271,11 @@ def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = Fal
         raise VLPruneError(
             f"save_pruned needs a transformers PreTrainedModel (with save_pretrained and config), "
             f"got {type(model).__name__}"
+        )
+    if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
+        raise VLPruneError(
+            f"processor= takes a processor, tokenizer or image processor with save_pretrained, got a "
+            f"{type(processor).__name__}"
         )
     import transformers
 
@@ -214,6 +330,7 @@ def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = Fal
         if entry:
             entry["class"] = type(module).__name__
             changed[name] = entry
+    same_ties = {frozenset(g) for g in _tied_groups(model)} == {frozenset(g) for g in _tied_groups(fresh)}
     del fresh, fresh_modules
     keys = _checkpoint_keys(model)
     main = _main_dtype(model)
@@ -229,6 +346,7 @@ def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = Fal
     finally:
         if bar_was_on and not hf_logging.is_progress_bar_enabled():
             hf_logging.enable_progress_bar()
+    from_pretrained = not changed and not param_dtypes and same_ties
     record = {
         "format": _FORMAT,
         "model_class": _class_path(cls),
@@ -242,8 +360,11 @@ def save_pruned(model: nn.Module, directory: str | Path, *, progress: bool = Fal
         "modules": changed,
         "checkpoint_keys": keys,
         "n_parameters": sum(p.numel() for p in model.parameters()),
+        "from_pretrained": from_pretrained,
     }
     (directory / SHAPES_FILE).write_text(json.dumps(record, indent=1))
+    _mark_config(directory, len(changed), from_pretrained)
+    _save_processor_files(model, processor, directory)
     logger.info("save_pruned: %d module(s) differ from the config-built model -> %s", len(changed), directory)
     return directory
 
@@ -300,6 +421,9 @@ def load_pruned(directory: str | Path, model_class: type | None = None) -> nn.Mo
     downloaded, the caller's RNG state is untouched), the recorded modules get parameters of the
     recorded shapes and their recorded attributes, the saved tied weights are tied (and only
     those), then every parameter and persistent buffer is loaded strictly from the safetensors.
+    The model's ``name_or_path`` is ``directory``, so saving it again with :func:`save_pruned`
+    carries the tokenizer / processor files along; load those with the usual
+    ``AutoProcessor`` / ``AutoTokenizer.from_pretrained(directory)``.
 
     Args:
         directory: the directory :func:`save_pruned` wrote.
@@ -348,6 +472,9 @@ def load_pruned(directory: str | Path, model_class: type | None = None) -> nn.Mo
     kwargs: dict[str, Any] = {}
     if record.get("attn_implementation"):
         kwargs["attn_implementation"] = record["attn_implementation"]
+    if CONFIG_KEY in vars(config):  # save_pruned's marker: about the directory, not the model
+        delattr(config, CONFIG_KEY)
+    config.name_or_path = str(directory)  # a later save_pruned copies the tokenizer files from here
     main = _dtype(record["dtype"])
     model = _build_from_config(model_class, config, dtype=main, **kwargs)
     modules = dict(model.named_modules())
