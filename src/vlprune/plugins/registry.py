@@ -24,6 +24,7 @@ from vlprune.errors import RegistryError
 from vlprune.plugins.hookspecs import LEVELS, NEEDS, PROJECT, CriterionSpec, VLPruneHookSpecs
 
 __all__ = [
+    "ADAPTERS",
     "BUILTIN_PLUGINS",
     "plugin_manager",
     "register",
@@ -46,6 +47,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "vlprune.plugins.platon",
     "vlprune.plugins.amp",
 )
+
+#: every adapter vlprune knows, in the column order of ``vlprune list``: the framework bridges
+#: (Torch-Pruning, NNI) and the transformers-level ones (decoder-layer removal, visual-token
+#: pruning). A criterion declares the ones that support it in ``CriterionSpec.adapters``.
+ADAPTERS: tuple[str, ...] = ("torch_pruning", "nni", "hf_layers", "hf_tokens")
 
 _lock = threading.Lock()
 _pm: pluggy.PluginManager | None = None
