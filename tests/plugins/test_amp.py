@@ -274,6 +274,7 @@ def _official_search(weights: list[torch.Tensor], delta: float, halvings: int, m
     return kept
 
 
+@pytest.mark.filterwarnings("ignore:AMP search_widths")  # delta 0 and 100 are degenerate on purpose
 @pytest.mark.parametrize("delta", [0.0, 0.05, 0.3, 1.0, 100.0])
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("rule", ["rise", "change"])

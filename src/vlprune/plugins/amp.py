@@ -36,8 +36,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -55,6 +57,8 @@ __all__ = [
     "entropy_objective",
     "onehot_objective",
     "default_embedding",
+    "token_set_embedding",
+    "default_rule",
     "pooled_embedding",
     "image_output",
     "batch_objective",
@@ -172,19 +176,60 @@ def image_output(model: nn.Module, batch: Any) -> Any:
     return call_model(model, batch)
 
 
+def _takes_images(model: nn.Module) -> bool:
+    """The model reads images: ``get_image_features`` or a ``pixel_values`` argument."""
+    if hasattr(model, "get_image_features"):
+        return True
+    try:
+        return "pixel_values" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_image_batch(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping) and "pixel_values" not in batch and _takes_images(model):
+        raise DataError(
+            f"AMP's default embedding needs image batches with 'pixel_values' ({type(model).__name__} embeds images); "
+            f"got keys {sorted(map(str, batch))}; add the images, or pass embed=lambda model, batch: <(B, D) tensor> "
+            "for other inputs"
+        )
+
+
+def token_set_embedding(out: Any) -> torch.Tensor | None:
+    """Per-image sets of visual tokens (LLaVA-like ``get_image_features``: a list of ``(T, D)``
+    projected tokens per image), each flattened to one row; None for any other output.
+
+    Mean-pooled, such tokens are nearly identical across images (testbed LLaVA: E = 3.54 of at
+    most log 64 = 4.16), and AMP's search then accepts the minimum width everywhere (see
+    docs/benchmarks.md); flattened, images stay apart."""
+    value = getattr(out, "pooler_output", None)
+    if value is None and isinstance(out, Mapping):
+        value = out.get("pooler_output")
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in value):
+        if len({v.numel() for v in value}) == 1:
+            return torch.stack([v.reshape(-1) for v in value])
+    return None
+
+
 def default_embedding(model: nn.Module, batch: Any) -> torch.Tensor:
     """The image embedding AMP's objective is computed on.
 
     * a model with ``get_image_features`` and a batch with ``pixel_values`` (CLIP, SigLIP, BLIP,
-      LLaVA): the image features (LLaVA: the projected visual tokens, mean-pooled per image);
+      LLaVA): the image features (LLaVA: the projected visual tokens of each image, flattened,
+      :func:`token_set_embedding`; mean-pooled they barely differ between images);
     * otherwise ``model(**batch)``: ``image_embeds``, else ``pooler_output``, else the first token of
       ``last_hidden_state`` (ViT / DINOv2 / a bare vision tower); a model with a task head and
       nothing of these (``ViTForImageClassification``) is read through its ``base_model``.
 
     Raises:
+        DataError: a model that embeds images given a batch without ``pixel_values``.
         ModelStructureError: the model gives no ``(B, D)`` embedding; pass ``embed=`` then.
     """
-    z = pooled_embedding(image_output(model, batch))
+    _check_image_batch(model, batch)
+    out = image_output(model, batch)
+    z = token_set_embedding(out)
+    if z is None:
+        z = pooled_embedding(out)
     base = getattr(model, "base_model", model)
     if z is None and isinstance(base, nn.Module) and base is not model:  # task heads: use the backbone
         inputs = {k: v for k, v in batch.items() if k != "labels"} if isinstance(batch, Mapping) else batch
@@ -593,7 +638,7 @@ def search_widths(
     embed: EmbedFn | None = None,
     halvings: int = 6,
     min_keep: int = 1,
-    rule: Literal["rise", "change"] = "rise",
+    rule: Literal["rise", "change"] | None = None,
     reuse_blocks: bool = True,
     progress: bool = True,
     log: list[dict[str, Any]] | None = None,
@@ -618,7 +663,8 @@ def search_widths(
             objective is accepted; ``"change"``: accept when ``|E(k) - E_prev| <= delta_e`` (the
             variant left commented out in the official code), which also refuses widths that make
             the objective fall by more than ``delta_e``: with an objective that falls when late
-            layers are cut, ``"rise"`` empties them.
+            layers are cut, ``"rise"`` empties them. None (default): :func:`default_rule`,
+            ``"change"`` for LLaVA-like models on the default embedding, else ``"rise"``.
         reuse_blocks: evaluate from the searched layer's block on, replaying the cached input of
             that block (checked against the full forward; falls back to full forwards if the check
             fails); False: always full forwards.
@@ -627,7 +673,9 @@ def search_widths(
             ``objective``, ``accepted``).
 
     Returns:
-        MLP module name -> number of hidden neurons kept, for every MLP in ``importance``.
+        MLP module name -> number of hidden neurons kept, for every MLP in ``importance``. A
+        degenerate result (every MLP at the smallest width the search can reach, or none pruned)
+        comes with a ``UserWarning`` and a log warning naming the fix (``rule=``, ``delta_e=``, ``embed=``).
 
     Raises:
         VLPruneError: ``delta_e < 0`` or not finite, ``halvings < 1``, bad ``min_keep``.
@@ -640,8 +688,8 @@ def search_widths(
         raise VLPruneError(f"halvings must be an integer >= 1, got {halvings!r}")
     if not (isinstance(min_keep, int) and min_keep >= 1):
         raise VLPruneError(f"min_keep must be an integer >= 1, got {min_keep!r}")
-    if rule not in ("rise", "change"):
-        raise VLPruneError(f"rule must be 'rise' or 'change', got {rule!r}")
+    if rule not in ("rise", "change", None):
+        raise VLPruneError(f"rule must be 'rise', 'change' or None (per model), got {rule!r}")
     if not importance:
         raise VLPruneError("importance is empty: compute it with neuron_importance(model, batches) first")
     layouts = find_mlps(model, list(importance))
@@ -651,6 +699,9 @@ def search_widths(
             raise ModelStructureError(f"importance of {n} has {tuple(s.shape)} scores, the MLP has {sizes[n]} neurons")
     data = iterate_batches(batches)
     fn = batch_objective(objective, tau, embed)
+    if rule is None:
+        rule = default_rule(model, data[0], objective, embed)
+        logger.info("AMP: search rule %r", rule)
     order = [layout.name for layout in mlp_layouts(model) if layout.name in layouts][::-1]
     widths = {n: sizes[n] for n in order}
     bar = tqdm(total=len(order) * halvings, desc="AMP width search", disable=not progress, leave=False)
@@ -690,7 +741,61 @@ def search_widths(
                 logger.info("AMP: %s keeps %d / %d neurons (objective %.6f)", name, best, size, prev)
     finally:
         bar.close()
+    _warn_degenerate(widths, sizes, halvings, min_keep, delta_e, rule, embed)
     return {n: widths[n] for n in layouts}
+
+
+def default_rule(
+    model: nn.Module, batch: Any, objective: Objective | ObjectiveFn = "entropy", embed: EmbedFn | None = None
+) -> Literal["rise", "change"]:
+    """The search rule :func:`search_widths` uses when none is given.
+
+    ``"change"`` when the objective is built-in, ``embed`` is the default and the model's image
+    features are per-image token sets (LLaVA-like: :func:`token_set_embedding`): that embedding
+    was never trained contrastively, cutting late MLPs makes its entropy *fall*, and ``"rise"``
+    then cuts every MLP to the minimum (testbed LLaVA: VQA 0.717 / 0.930 -> 0.280 / 0.397).
+    Otherwise ``"rise"`` (the official rule).
+    """
+    if callable(objective) or embed is not None:
+        return "rise"
+    if not (isinstance(batch, Mapping) and "pixel_values" in batch and hasattr(model, "get_image_features")):
+        return "rise"
+    with preserved_mode(model, training=False), torch.no_grad():
+        return "change" if token_set_embedding(image_output(model, batch)) is not None else "rise"
+
+
+def _smallest_width(size: int, halvings: int, min_keep: int) -> int:
+    """The width the binary search ends at when it accepts every step."""
+    lo, hi = 0, size
+    for _ in range(halvings):
+        hi = max((lo + hi) // 2, min_keep)
+    return min(hi, size)
+
+
+def _warn_degenerate(widths: Mapping[str, int], sizes: Mapping[str, int], halvings: int, min_keep: int,
+                     delta_e: float, rule: str, embed: EmbedFn | None) -> None:
+    if not widths:
+        return
+    floor = {n: _smallest_width(sizes[n], halvings, min_keep) for n in widths}
+    message = None
+    if all(widths[n] <= floor[n] < sizes[n] for n in widths):
+        message = (
+            f"AMP search_widths cut every one of the {len(widths)} searched MLPs to the smallest width it can reach "
+            f"({sorted(set(widths.values()))}): the held-out objective never "
+            f"{'rose' if rule == 'rise' else 'moved'} by more than delta_e={delta_e:g} (rule={rule!r}), so it does not "
+            "guard the model here (e.g. it falls when late layers are cut, or the embedding barely differs between "
+            "images). Use " + ("rule='change', " if rule == "rise" else "") + "a smaller delta_e, or an embed= that "
+            "separates the images (e.g. amp.token_set_embedding for LLaVA-like models)"
+        )
+    elif all(widths[n] >= sizes[n] for n in widths):
+        message = (
+            f"AMP search_widths pruned nothing: every narrower width moved the held-out objective by more than "
+            f"delta_e={delta_e:g} (rule={rule!r}); raise delta_e (the paper: 2e-4 to 1e-1)"
+            + (", or use rule='rise'" if rule == "change" else "")
+        )
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
+        logger.warning(message)
 
 
 def _replay_for(model: nn.Module, name: str, data: Sequence[Any], fn: ObjectiveFn, prev: float, enabled: bool) -> _BlockReplay | None:

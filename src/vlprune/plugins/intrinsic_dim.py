@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ __all__ = [
     "LayerID",
     "IDProfile",
     "estimate_ids",
+    "PRUNABLE_TYPES",
+    "MIN_SAMPLES",
+    "prunable_modules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,39 @@ Estimator = Literal["linear", "mle"]
 
 #: number of float32 nearest-neighbour candidates re-checked in float64 per point
 _CANDIDATES = 4
+
+#: layer types profiled by default: what structured pruning removes channels of
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: fewest distinct samples a layer's TwoNN estimate is computed from: the estimate's relative
+#: standard error is about ``1 / sqrt(n)`` (0.38 at 8; the ID-pruning paper uses 2000)
+MIN_SAMPLES = 8
+
+
+def prunable_modules(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model``, in registration order: the
+    default selection of :func:`estimate_ids` for a model vlprune knows nothing about.
+
+    Args:
+        model: any ``nn.Module`` (a plain ``nn.Sequential``, a hand-built CNN, ...).
+
+    Returns:
+        Module paths.
+
+    Raises:
+        ModelStructureError: no Linear or Conv layer; pass ``modules=`` to choose what to profile.
+
+    Example:
+        >>> prunable_modules(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)))
+        ['0', '3']
+    """
+    names = [n for n, m in model.named_modules() if n and isinstance(m, PRUNABLE_TYPES)]
+    if not names:
+        raise ModelStructureError(
+            f"{type(model).__name__} has no nn.Linear or nn.Conv layer to profile; "
+            "pass modules=[...] (names, glob patterns or types) to estimate_ids"
+        )
+    return names
 
 
 def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
@@ -506,6 +543,23 @@ def _plan_groups(widths: dict[str, int], n_samples: int, bytes_per_value: int, b
     return groups
 
 
+def _warn_short(seen: Mapping[str, int], n_samples: int, representation: str) -> None:
+    """One warning when the batches gave the modules fewer rows than ``n_samples``."""
+    short = {n: k for n, k in seen.items() if k < n_samples}
+    if not short:
+        return
+    low, high = min(short.values()), max(short.values())
+    got = str(low) if low == high else f"{low} to {high}"
+    unit = "token rows" if representation == "tokens" else "samples"
+    message = (
+        f"estimate_ids: n_samples={n_samples} was asked but the batches gave only {got} {unit} to "
+        f"{len(short)} of {len(seen)} module(s) (e.g. {next(iter(short))}), so their IDs are estimated on "
+        f"{got} {unit}; pass more calibration batches (about {n_samples} samples) or lower n_samples to match"
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
+
+
 def estimate_ids(
     model: nn.Module,
     batches: Iterable[Any],
@@ -535,8 +589,11 @@ def estimate_ids(
             distances are computed in float32/float64.
         batches: iterable of dicts (``model(**batch)``), tuples or tensors (``model(batch)``).
             It is materialised as a list, since several passes may be needed.
-        modules: module names / glob patterns / types (default: every ``nn.Linear``).
-        n_samples: rows per module (fewer if the batches hold fewer).
+        modules: module names / glob patterns / types (default: every ``nn.Linear`` and
+            ``nn.Conv*``, :func:`prunable_modules`).
+        n_samples: rows per module. If the batches hold fewer, the IDs are estimated on what
+            they hold, with a ``UserWarning`` (and a log warning) saying how many; fewer than
+            :data:`MIN_SAMPLES` distinct rows is an error.
         representation: ``"flatten"`` (paper), ``"cls"``, ``"mean"`` or ``"tokens"``.
         estimator: ``"linear"`` or ``"mle"`` TwoNN.
         discard_fraction: fraction of largest ratios left out, as in ``skdim.id.TwoNN``.
@@ -551,13 +608,14 @@ def estimate_ids(
         An :class:`IDProfile`.
 
     Raises:
-        DataError: empty batches, NaN/Inf activations, fewer than 3 distinct points.
+        DataError: empty batches, NaN/Inf activations, fewer than :data:`MIN_SAMPLES` distinct
+            samples reaching a module.
         ModelStructureError: ``modules`` matches nothing, or a module produced no tensor.
     """
     if n_samples < 3:
-        raise VLPruneError(f"n_samples must be at least 3, got {n_samples}")
+        raise VLPruneError(f"n_samples must be at least {MIN_SAMPLES} (the paper uses 2000), got {n_samples}")
     items = iterate_batches(batches)
-    names = resolve_modules(model, modules)
+    names = prunable_modules(model) if modules is None else resolve_modules(model, modules)
     # probe: the width of one row per module, from the first batch
     widths: dict[str, int] = {}
     probe: dict[str, torch.Tensor] = {}
@@ -587,6 +645,7 @@ def estimate_ids(
     groups = _plan_groups(widths, n_samples, bytes_per_value, int(max_memory_mb * 2**20))
     logger.info("estimate_ids: %d modules in %d pass(es)", len(names), len(groups))
     layers: dict[str, LayerID] = {}
+    seen: dict[str, int] = {}
     bar = tqdm(total=len(names), desc="intrinsic dimension", disable=not progress)
     try:
         for group in groups:
@@ -601,12 +660,24 @@ def estimate_ids(
                 )
             for name in group:
                 rows = reducers.pop(name).result()
+                seen[name] = int(rows.shape[0])
                 try:
+                    if rows.shape[0] < MIN_SAMPLES:
+                        raise DataError(
+                            f"only {rows.shape[0]} sample(s) reached it (n_samples={n_samples}); TwoNN needs at least "
+                            f"{MIN_SAMPLES} to mean anything (the paper uses 2000): "
+                            + ("raise n_samples" if n_samples < MIN_SAMPLES else "pass more calibration batches")
+                        )
                     if n_blocks:
                         rows = drop_duplicate_rows(rows)
                         value, n_distinct = twonn_block_average(rows, n_blocks, discard_fraction, estimator), rows.shape[0]
                     else:
                         value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
+                    if n_distinct < MIN_SAMPLES:
+                        raise DataError(
+                            f"only {n_distinct} distinct sample(s) of {rows.shape[0]} reached it; TwoNN needs at least "
+                            f"{MIN_SAMPLES} to mean anything: pass more (and more varied) calibration batches"
+                        )
                 except DataError as exc:
                     hint = (
                         " (with representation='cls' a causal text model's first token is the same for "
@@ -625,6 +696,7 @@ def estimate_ids(
                 bar.update(1)
     finally:
         bar.close()
+    _warn_short(seen, n_samples, representation)
     return IDProfile(
         layers={n: layers[n] for n in names},
         representation=representation,

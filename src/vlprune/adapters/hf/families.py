@@ -71,6 +71,7 @@ __all__ = [
     "BUILTIN_RULES",
     "FAMILIES",
     "describe",
+    "default_id_modules",
     "find_attentions",
     "find_mlps",
     "AttentionLayout",
@@ -624,3 +625,49 @@ def describe(model: nn.Module, rules: Sequence[FamilyRule] | None = None) -> Fam
         type(model).__name__, info.family, len(blocks), len(attentions), len(mlps), heads,
     )
     return info
+
+
+def default_id_modules(model: nn.Module, info: FamilyInfo | None = None) -> list[str]:
+    """The modules ``vlprune.estimate_ids`` profiles when ``modules`` is not given.
+
+    * A model of a known family: every ``nn.Linear`` except its output heads / projections (the
+      ID-pruning paper's official choice), and in any case every linear of an MLP or attention
+      :func:`describe` found, i.e. every root Torch-Pruning may prune through
+      ``hf_pruner_kwargs``, so ``IDWeightedImportance`` finds an ID for each of its groups.
+    * Any other model (a plain ``nn.Sequential``, a hand-built CNN): every ``nn.Linear`` and
+      ``nn.Conv1d/2d/3d`` (:func:`vlprune.plugins.intrinsic_dim.prunable_modules`), modality
+      ``"unknown"``; which layer is an output head cannot be told from the modules, so none is left out.
+
+    Args:
+        model: the model.
+        info: its :func:`describe` result, if already computed.
+
+    Returns:
+        Module paths in registration order.
+
+    Raises:
+        ModelStructureError: nothing to profile; pass ``modules=`` to ``estimate_ids``.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> names = default_id_modules(tiny_model("clip"))
+        >>> "visual_projection" in names, "vision_model.encoder.layers.0.mlp.fc1" in names
+        (False, True)
+    """
+    from vlprune.plugins.intrinsic_dim import prunable_modules
+
+    has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
+    if info is None and has_linear:
+        info = describe(model)
+    if info is None or info.family == "generic":
+        return prunable_modules(model)
+    heads = set(info.heads)
+    pruned = {p for m in info.mlps for p in (m.up, m.gate, m.down) if p}
+    pruned |= {p for a in info.attentions for p in (a.q, a.k, a.v, a.o)}
+    names = [n for n in info.linear_modality if n not in heads or n in pruned]
+    if not names:
+        raise ModelStructureError(
+            f"{type(model).__name__} has no nn.Linear outside its output heads {list(heads)[:3]}; "
+            "pass modules=[...] to estimate_ids"
+        )
+    return names
