@@ -27,7 +27,15 @@ import vlprune
 from vlprune.errors import DataError, VLPruneError
 from vlprune.plugins.registry import ADAPTERS
 
-__all__ = ["main", "build_parser", "load_model_dir", "load_batches", "identify_testbed", "DEFAULT_OUT"]
+__all__ = [
+    "main",
+    "build_parser",
+    "load_model_dir",
+    "load_batches",
+    "identify_testbed",
+    "image_tokens_per_image",
+    "DEFAULT_OUT",
+]
 
 logger = logging.getLogger("vlprune.cli")
 
@@ -237,10 +245,11 @@ def image_tokens_per_image(config: Any) -> int:
         config: the model config (with ``vision_config``).
 
     Returns:
-        ``(image_size // patch_size) ** 2 + cls - (strategy == "default")``.
+        ``(image_size // patch_size) ** 2 + cls - (strategy == "default")``; 16 for the testbed
+        LLaVA (56 // 14 = 4 patches a side, CLS dropped).
 
     Example:
-        >>> image_tokens_per_image(vlprune.testbed.load("llava").config)   # 56 // 14 = 4; 16 + 1 - 1
+        >>> image_tokens_per_image(vlprune.testbed.load("llava").config)   # doctest: +SKIP
         16
     """
     vision = config.vision_config
@@ -278,7 +287,8 @@ def _random_batches(model: nn.Module, batch_size: int, n_batches: int, seed: int
         if allowed is not None and getattr(cfg, "model_type", "") not in ("vit", "dinov2", "deit"):
             ids = allowed[torch.randint(0, allowed.numel(), (batch_size, RANDOM_TEXT_LEN), generator=g)]
             if n_img:
-                ids = torch.cat([torch.full((batch_size, n_img), image_token, dtype=torch.long), ids], dim=1)  # type: ignore[arg-type]
+                image = torch.full((batch_size, n_img), image_token, dtype=torch.long)  # type: ignore[arg-type]
+                ids = torch.cat([image, ids], dim=1)  # the placeholders the vision features replace
             batch["input_ids"] = ids
             batch["attention_mask"] = torch.ones_like(ids)
         out.append(batch)
@@ -427,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         logger.debug("vlprune %s failed with an unexpected error", args.command, exc_info=True)
         message = _one_paragraph(str(exc)).rstrip(".") or "(no message)"
-        hint = "see the traceback above" if level <= logging.DEBUG else "rerun with --log-level DEBUG to see the traceback"
+        hint = (
+            "see the traceback above" if level <= logging.DEBUG
+            else "rerun with --log-level DEBUG to see the traceback"
+        )
         sys.stderr.write(f"vlprune: error: {type(exc).__name__}: {message} (an unexpected error; {hint})\n")
         return 1
 
