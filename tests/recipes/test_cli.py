@@ -23,11 +23,12 @@ from vlprune.testbed.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--n-samples", "8", "--batch-size", "8", "--n-batches", "1", "-q"]
+FEW = ["--modules", "*layer*.0.*"]  # first block of each tower: the data path is what these tests check
 
 
 def _profile(model_dir: Path | str, data: str, out: Path, capsys) -> tuple[int, str, str]:
     capsys.readouterr()  # drop what saving the model printed
-    code = main(["profile-id", str(model_dir), "--data", data, "--out", str(out), *FAST])
+    code = main(["profile-id", str(model_dir), "--data", data, "--out", str(out), *FAST, *FEW])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -95,8 +96,14 @@ def test_quiet_restores_transformers_progress_bars(tmp_path, capsys) -> None:
 
 
 def test_profile_id_testbed_data_on_the_testbed_llava(tmp_path, capsys) -> None:
-    code, out, err = _profile(checkpoint_dir("llava"), "testbed", tmp_path / "out", capsys)
-    assert code == 0, err
+    argv = ["profile-id", str(checkpoint_dir("llava")), "--data", "testbed", "--out", str(tmp_path / "out"),
+            "--batch-size", "8", "--n-batches", "1", "-q"]  # the default --n-samples: all 8 samples
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err
+    assert not [w for w in caught if "n_samples" in str(w.message)]  # no "fewer samples than asked"
     assert {"vision", "language"} <= {line.split()[0] for line in out.splitlines()[1:-1]}
     assert (tmp_path / "out" / "id.json").is_file()
 

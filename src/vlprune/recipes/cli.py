@@ -41,6 +41,8 @@ logger = logging.getLogger("vlprune.cli")
 
 #: default ``profile-id --out``: under ``out/``, which the repository's ``.gitignore`` ignores
 DEFAULT_OUT = "out/id_profile"
+#: default ``profile-id --n-samples`` (fewer when the batches hold fewer samples)
+DEFAULT_N_SAMPLES = 2000
 #: text tokens per sample in ``--data random`` batches (after the image tokens of LLaVA-style models)
 RANDOM_TEXT_LEN = 16
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -328,6 +330,23 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _n_samples(args: argparse.Namespace, batches: list[Any]) -> int:
+    """``--n-samples``, or by default :data:`DEFAULT_N_SAMPLES` capped at the samples the batches
+    hold (rows are samples except with ``--representation tokens``), so that a default run does
+    not ask ``estimate_ids`` for more samples than it is given."""
+    if args.n_samples is not None:
+        return int(args.n_samples)
+    if args.representation == "tokens":
+        return DEFAULT_N_SAMPLES
+    from vlprune.plugins.capture import first_tensor
+
+    held = 0
+    for batch in batches:
+        t = first_tensor(batch)
+        held += int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+    return min(DEFAULT_N_SAMPLES, held) if held else DEFAULT_N_SAMPLES
+
+
 def _cmd_profile_id(args: argparse.Namespace) -> int:
     with _quiet_transformers(args.quiet):
         model = load_model_dir(args.model_dir)
@@ -336,7 +355,7 @@ def _cmd_profile_id(args: argparse.Namespace) -> int:
         model,
         batches,
         modules=args.modules or None,
-        n_samples=args.n_samples,
+        n_samples=_n_samples(args, batches),
         representation=args.representation,
         estimator=args.estimator,
         n_blocks=args.n_blocks,
@@ -391,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory for id.json and id.png (default: %(default)s; out/ is git-ignored)",
     )
     p.add_argument("--modules", nargs="*", help="module names or glob patterns (default: all Linear but heads)")
-    p.add_argument("--n-samples", type=int, default=2000)
+    p.add_argument(
+        "--n-samples", type=int, default=None,
+        help=f"samples (rows) per layer (default: {DEFAULT_N_SAMPLES}, or all the batches hold if fewer)",
+    )
     p.add_argument("--representation", default="flatten", choices=["flatten", "cls", "mean", "tokens"])
     p.add_argument("--estimator", default="linear", choices=["linear", "mle"])
     p.add_argument("--n-blocks", type=int, default=None, help="average over 1..N random blocks (paper: 20)")
