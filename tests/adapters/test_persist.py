@@ -18,7 +18,7 @@ import torch_pruning as tp
 import vlprune
 from tests.adapters.test_surgery import outputs, tp_prune
 from tests.adapters.test_sync import _check_config_types
-from vlprune.adapters.hf.persist import CONFIG_KEY, SHAPES_FILE, load_pruned, save_pruned
+from vlprune.adapters.hf.persist import SHAPES_FILE, load_pruned, save_pruned
 from vlprune.adapters.hf.sync import sync_hf_model
 from vlprune.adapters.torch_pruning import prune_hf_model
 from vlprune.errors import VLPruneError
@@ -26,6 +26,7 @@ from vlprune.testbed.tiny import example_inputs, tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
+CONFIG_KEY = "vlprune"  # the entry save_pruned adds to config.json (persist.CONFIG_KEY)
 FAMILIES = ["clip", "vit", "dinov2", "blip", "vilt", "llava"]  # every family vlprune.testbed.tiny builds
 
 

@@ -20,7 +20,6 @@ from torch import nn
 
 import vlprune
 from tests.adapters.test_surgery import masked_reference, outputs, sharpen
-from vlprune.adapters.hf.sync import _checked_config_plan
 from vlprune.adapters.torch_pruning import hf_pruner_kwargs, prune_hf_model
 from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.testbed.tiny import example_inputs, tiny_model
@@ -243,6 +242,8 @@ def test_config_values_that_break_the_configs_own_checks_stay_out() -> None:
     """CLIP's config requires hidden_size % num_attention_heads == 0 (checked again by
     save_pretrained): a residual width of 30 with 4 heads is left to the shape record."""
     from transformers import CLIPVisionConfig
+
+    from vlprune.adapters.hf.sync import _checked_config_plan
 
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4)
     plan = _checked_config_plan([(cfg, {"intermediate_size": 40}), (cfg, {"hidden_size": 30})])
