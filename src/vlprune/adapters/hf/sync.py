@@ -426,16 +426,12 @@ def _from_pruner(
     known = [counts.get(id(m)) for m in linears]
     if all(c is None for c in known):
         return None
-    if state.layout.fused:
-        heads = kv = known[0]
-    else:
-        heads, kv = known[0], known[1]
-        if heads is None or kv is None or known[2] is None:
-            return (
-                f"attention {name}: pruner.num_heads lists only some of its q/k/v linears; give Torch-Pruning "
-                "all three (hf_pruner_kwargs(model) does)"
-            )
-    assert heads is not None and kv is not None
+    heads, kv, v_heads = (known[0],) * 3 if state.layout.fused else tuple(known)
+    if heads is None or kv is None or v_heads is None:
+        return (
+            f"attention {name}: pruner.num_heads lists only some of its q/k/v linears; give Torch-Pruning "
+            "all three (hf_pruner_kwargs(model) does)"
+        )
     if heads < 1 or kv < 1 or state.q_out % heads or state.k_out % kv or state.q_out // heads != state.k_out // kv:
         return (
             f"attention {name}: the pruner says {heads} query / {kv} key heads but the linears have "
@@ -498,7 +494,7 @@ def _auto_mode(model: nn.Module, changed: list[_AttnState]) -> str:
     fits = {m: [_explain(s, m) for s in changed] for m in ("heads", "head_dim")}
     ok = [m for m, res in fits.items() if all(isinstance(r, tuple) for r in res)]
     if not ok:
-        for state, by_heads in zip(changed, fits["heads"]):
+        for state in changed:
             if not _fits_heads(state) and not _fits_head_dims(state):
                 raise ModelStructureError(
                     f"sync_hf_model: attention {state.layout.name}: {state.q_out} query / {state.k_out} key "
@@ -508,16 +504,16 @@ def _auto_mode(model: nn.Module, changed: list[_AttnState]) -> str:
         reasons = [r for res in fits.values() for r in res if isinstance(r, str)]
         raise ModelStructureError(f"sync_hf_model: {reasons[0]} (neither whole heads nor narrower heads fit)")
     if ok == ["heads", "head_dim"] and fits["heads"] != fits["head_dim"]:
-        example = next(s for s, a, b in zip(changed, fits["heads"], fits["head_dim"]) if a != b)
-        assert example.head_dim0 and example.heads0
+        name, q_out, as_heads, as_dims = next(
+            (s.layout.name, s.q_out, a, b) for s, a, b in zip(changed, fits["heads"], fits["head_dim"]) if a != b
+        )
         logger.warning(
             "sync_hf_model: the attention shapes of %s fit both whole-head and head-dim pruning (e.g. %s: %d "
             "query channels = %d heads of %d, or %d heads of %d); taking whole heads (Torch-Pruning "
             "prune_num_heads=True, prune_head_dims=False, as hf_pruner_kwargs sets). If Torch-Pruning narrowed "
             "the heads instead (its default prune_head_dims=True), call sync_hf_model(model, pruner=pruner) with "
             "the pruner, which never guesses, or pass pruned='head_dim'",
-            type(model).__name__, example.layout.name, example.q_out, example.q_out // example.head_dim0,
-            example.head_dim0, example.heads0, example.q_out // example.heads0,
+            type(model).__name__, name, q_out, as_heads[0], as_heads[2], as_dims[0], as_dims[2],
         )
     return ok[0]
 
