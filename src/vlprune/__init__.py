@@ -82,19 +82,22 @@ def estimate_ids(
     """Per-layer intrinsic dimension of a model, each layer labelled vision / language / fusion.
 
     By default every ``nn.Linear`` except output heads and projections (``lm_head``,
-    classifiers, CLIP projections) is profiled, as in the ID-pruning paper's official code; the
-    modality of each layer comes from the model family (``describe_model``). See
+    classifiers, CLIP projections) is profiled, as in the ID-pruning paper's official code, and in
+    any case every layer Torch-Pruning may prune through ``hf_pruner_kwargs`` (e.g. SigLIP's pooling
+    head MLP); a model of no known family gets every ``nn.Linear`` and ``nn.Conv*d``
+    (:func:`vlprune.adapters.hf.families.default_id_modules`). The modality of each layer comes from
+    the model family (``describe_model``). See
     :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound.
 
     Example:
         >>> profile = vlprune.estimate_ids(model, calib_batches, n_samples=2000)   # doctest: +SKIP
         >>> profile.plot("id.png"); profile.to_json("id.json")                   # doctest: +SKIP
     """
+    from vlprune.adapters.hf.families import default_id_modules
+
     info = describe_model(model)
     if modules is None:
-        modules = [n for n in info.linear_modality if n not in set(info.heads)]
-        if not modules:
-            raise ModelStructureError(f"{type(model).__name__} has no nn.Linear outside its output heads")
+        modules = default_id_modules(model, info)
     return _estimate_ids(
         model,
         batches,
@@ -121,14 +124,15 @@ def sync_hf_model(model: nn.Module, **kwargs: Any) -> Any:
     return _sync(model, **kwargs)
 
 
-def save_pruned(model: nn.Module, directory: Any) -> Any:
+def save_pruned(model: nn.Module, directory: Any, **kwargs: Any) -> Any:
     """Save a pruned transformers model so that :func:`load_pruned` rebuilds it exactly.
 
-    See :func:`vlprune.adapters.hf.surgery.save_pruned`.
+    ``processor=`` (a tokenizer / processor) is saved with it; tokenizer files of the checkpoint the
+    model came from are copied. See :func:`vlprune.adapters.hf.persist.save_pruned`.
     """
     from vlprune.adapters.hf.surgery import save_pruned as _save
 
-    return _save(model, directory)
+    return _save(model, directory, **kwargs)
 
 
 def load_pruned(directory: Any, **kwargs: Any) -> nn.Module:

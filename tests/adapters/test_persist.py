@@ -147,15 +147,6 @@ def test_save_pruned_saves_a_given_processor(tmp_path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
-def _top_level_passes_kwargs() -> bool:
-    import inspect
-
-    params = inspect.signature(vlprune.save_pruned).parameters.values()
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "processor" for p in params)
-
-
-@pytest.mark.xfail(not _top_level_passes_kwargs(), strict=True,
-                   reason="vlprune/__init__.py save_pruned does not pass processor= on yet")
 def test_top_level_save_pruned_passes_processor(tmp_path) -> None:
     """``vlprune.save_pruned`` is the entry point the README shows."""
     from transformers import CLIPImageProcessor

@@ -89,8 +89,7 @@ def test_generic_models_are_profiled_in_every_prunable_layer(kind: str) -> None:
 def test_top_level_estimate_ids_profiles_every_layer_of_a_cnn() -> None:
     model, batches, expected = _generic_models()["cnn"]
     profile = vlprune.estimate_ids(model, batches, n_samples=80, progress=False)
-    if list(profile.layers) != expected:
-        pytest.xfail("vlprune/__init__.py does not call families.default_id_modules yet (see the issue 10 note)")
+    assert list(profile.layers) == expected
     assert all(layer.modality == "unknown" for layer in profile.layers.values())
 
 

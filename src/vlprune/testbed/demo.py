@@ -67,12 +67,13 @@ class _Setup:
 
 def _setup(model_name: str, n_samples: int, seed: int) -> _Setup:
     if model_name == "testbed":
-        from vlprune.testbed import batches, evaluate, example_inputs, load
+        from vlprune.testbed import batches, evaluate, load
+        from vlprune.testbed import example_inputs as testbed_example
 
         model = load("llava")
         calib = batches("llava", n_samples=n_samples, batch_size=32, seed=seed)  # val-split scenes
         grad = batches("llava", n_samples=4 * 32, batch_size=32, labels=True, seed=seed)
-        example = example_inputs("llava", seed=seed)
+        example = testbed_example("llava", seed=seed)
         reference = {k: v[:4] for k, v in calib[-1].items()}
 
         def quality(m: torch.nn.Module) -> dict[str, float]:
