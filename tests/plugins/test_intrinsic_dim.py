@@ -155,6 +155,7 @@ def test_memory_bounded_passes_give_identical_estimates() -> None:
     assert one_pass.ids() == many_passes.ids()
 
 
+@pytest.mark.filterwarnings("ignore:estimate_ids. n_samples")  # n_samples=10_000: every row
 @pytest.mark.parametrize("representation", ["cls", "mean", "tokens"])
 def test_representations_match_manual(representation: str) -> None:
     model = tiny_model("vit")
@@ -174,6 +175,7 @@ def test_representations_match_manual(representation: str) -> None:
     assert profile[name] == pytest.approx(_skdim(np.unique(manual.double().numpy(), axis=0)), rel=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:estimate_ids. n_samples")  # n_samples=10_000: every row
 def test_padding_mask_excludes_padded_tokens() -> None:
     model = tiny_model("clip")
     batches = batches_for("clip", n_batches=3, batch_size=10)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -803,8 +803,7 @@ class KeepNeurons(tp.importance.Importance):
         >>> imp = KeepNeurons(tp.importance.GroupTaylorImportance(), ups)                  # doctest: +SKIP
     """
 
-    def __init__(self, base: tp.importance.Importance, modules: Iterator[nn.Module] | list[nn.Module] | tuple[nn.Module, ...],
-                 min_neurons: int = 1) -> None:
+    def __init__(self, base: tp.importance.Importance, modules: Iterable[nn.Module], min_neurons: int = 1) -> None:
         if not (isinstance(min_neurons, int) and min_neurons >= 1):
             raise VLPruneError(f"min_neurons must be an integer >= 1, got {min_neurons!r}")
         self.base = base
@@ -930,7 +929,7 @@ def prune_hf_model(
     floors: dict[nn.Module, int] = {}  # root module -> channels its group keeps (for the ratio limits)
     if kwargs["prune_num_heads"] and min_heads is not None:
         keep = KeepHeads(importance, kwargs["num_heads"], min_heads=min_heads)
-        atts = {m: h for m, h in kwargs["num_heads"].items()}
+        atts = dict(kwargs["num_heads"])
         most = keep.max_ratio if global_pruning else min((h - min_heads) / h for h in atts.values())
         if head_ratio > most + 1e-9:
             if head_pruning_ratio is None and prune_mlp:
