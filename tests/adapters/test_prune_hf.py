@@ -287,3 +287,33 @@ def test_platon_step_survives_a_step_that_removes_no_head() -> None:
         imp.step(pruner)
     vlprune.sync_hf_model(model, pruned="heads")
     model(**batch)
+
+
+@pytest.mark.parametrize("family", ["llava", "vit", "dinov2", "blip"])
+def test_hf_pruner_kwargs_declare_unwrapped_parameters_without_changing_the_prune(family: str) -> None:
+    """Torch-Pruning's "Unwrapped parameters" warning is replaced by an explicit list that prunes
+    exactly what tp's own default would."""
+    import warnings
+
+    import vlprune
+    from vlprune.testbed.tiny import example_inputs, tiny_model
+
+    example = example_inputs(family)
+    outputs = []
+    for declare in (True, False):
+        model = tiny_model(family)
+        kw = hf_pruner_kwargs(model)
+        if not declare:
+            del kw["unwrapped_parameters"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner = tp.pruner.BasePruner(model, example, importance=tp.importance.MagnitudeImportance(),
+                                          pruning_ratio=0.3, head_pruning_ratio=0.3, global_pruning=True, **kw)
+        assert any("Unwrapped parameters" in str(w.message) for w in caught) is not declare
+        pruner.step()
+        vlprune.sync_hf_model(model, pruner=pruner)
+        with torch.no_grad():
+            out = model(**example)
+        first = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        outputs.append((sum(p.numel() for p in model.parameters()), first))
+    assert outputs[0][0] == outputs[1][0] and torch.equal(outputs[0][1], outputs[1][1])

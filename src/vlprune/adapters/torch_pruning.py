@@ -42,6 +42,7 @@ __all__ = [
     "call_importance",
     "check_finite",
     "hf_pruner_kwargs",
+    "unwrapped_parameters",
     "prune_hf_model",
 ]
 
@@ -619,7 +620,8 @@ def hf_pruner_kwargs(
 
     Returns:
         ``ignored_layers``, ``num_heads``, ``prune_num_heads``, ``prune_head_dims``,
-        ``root_module_types`` and ``output_transform`` for ``tp.pruner.BasePruner``.
+        ``root_module_types``, ``output_transform`` and ``unwrapped_parameters`` (see
+        :func:`unwrapped_parameters`) for ``tp.pruner.BasePruner``.
     """
     from vlprune.adapters.hf.families import describe
 
@@ -650,7 +652,32 @@ def hf_pruner_kwargs(
         "prune_head_dims": False,
         "root_module_types": [nn.Linear],
         "output_transform": _output_transform,
+        "unwrapped_parameters": unwrapped_parameters(model),
     }
+
+
+def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """The parameters Torch-Pruning calls "unwrapped" (held by no module type it knows: RMSNorm
+    weights, class / position embeddings, DINOv2 layer scales ...), each with the dimension tp
+    would prune anyway (the last one of size > 1).
+
+    Passing them as ``unwrapped_parameters`` changes nothing in what tp prunes; it only replaces
+    tp's "Unwrapped parameters detected" warning by this explicit choice. With
+    :func:`hf_pruner_kwargs` the residual width is never pruned, so these parameters keep their
+    size. One-element parameters (CLIP's ``logit_scale``) have no dimension to name: tp still
+    lists them in its warning, harmlessly (it never prunes them).
+    """
+    from torch_pruning import ops
+    from torch_pruning.pruner import function
+
+    known = set(function.PrunerBox) - {ops.OPTYPE.ELEMENTWISE}
+    wrapped = {id(p) for m in model.modules() if ops.module2type(m) in known for p in m.parameters()}
+    out: list[tuple[nn.Parameter, int]] = []
+    for _name, param in model.named_parameters():
+        dims = [i for i, size in enumerate(param.shape) if size > 1]
+        if id(param) not in wrapped and dims:
+            out.append((param, dims[-1]))
+    return out
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
@@ -985,7 +1012,7 @@ def prune_hf_model(
                 "equal or NaN, or the ratio is too small to remove one neuron / head; check the importance and raise "
                 "the ratio"
             )
-        return sync_hf_model(model, pruned="heads")
+        return sync_hf_model(model, pruner=pruner)
     except BaseException:
         _restore(snap)
         raise
