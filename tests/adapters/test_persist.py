@@ -153,3 +153,20 @@ def test_top_level_save_pruned_passes_processor(tmp_path) -> None:
 
     vlprune.save_pruned(tiny_model("vit"), tmp_path / "m", processor=CLIPImageProcessor())
     assert (tmp_path / "m" / "preprocessor_config.json").exists()
+
+
+def test_a_model_with_prune_masks_is_refused_with_the_fix(tmp_path) -> None:
+    """Unstructured masks (torch.nn.utils.prune) must be made permanent before saving; the error says how."""
+    from vlprune.plugins.unstructured import apply_masks, make_permanent
+
+    model = tiny_model("vit")
+    name = "vit.layers.0.mlp.fc1.weight"
+    weight = dict(model.named_parameters())[name]
+    apply_masks(model, {name: torch.rand_like(weight) > 0.5})
+    with pytest.raises(VLPruneError, match=r"finish\(model\).*make_permanent") as info:
+        save_pruned(model, tmp_path / "masked")
+    assert "vit.layers.0.mlp.fc1.weight" in str(info.value) and not (tmp_path / "masked").exists()
+    make_permanent(model)
+    reloaded = load_pruned(save_pruned(model, tmp_path / "plain"))
+    expected, got = outputs(model, "vit"), outputs(reloaded, "vit")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

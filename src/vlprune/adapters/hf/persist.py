@@ -277,6 +277,19 @@ def save_pruned(
             f"processor= takes a processor, tokenizer or image processor with save_pretrained, got a "
             f"{type(processor).__name__}"
         )
+    masked = [
+        f"{name}.{key.removesuffix('_mask')}" if name else key.removesuffix("_mask")
+        for name, module in model.named_modules()
+        for key in module._buffers
+        if key.endswith("_mask") and f"{key.removesuffix('_mask')}_orig" in module._parameters
+    ]
+    if masked:
+        raise VLPruneError(
+            f"save_pruned: {len(masked)} weight(s) still carry torch.nn.utils.prune masks (e.g. {masked[:3]}), "
+            "which a config-built model cannot load; make them plain weights first: pruning.finish(model) "
+            "for vlprune.recipes.finetune.GlobalUnstructuredPruning, or "
+            "vlprune.plugins.unstructured.make_permanent(model)"
+        )
     import transformers
 
     directory = Path(directory)
