@@ -44,8 +44,8 @@ class CriterionSpec:
         level: what it scores: ``weight``, ``channel``, ``neuron``, ``layer`` or ``token``.
         needs: the data it needs: ``none``, ``calibration`` (forward batches), ``gradients``
             (backward passes) or ``training`` (updates during training steps).
-        adapters: adapter name (``torch_pruning``, ``nni``, ``hf``, ...) -> the object that
-            adapter uses: a callable taking the criterion's parameters, or a lazy
+        adapters: adapter name (one of ``vlprune.plugins.registry.ADAPTERS``: ``torch_pruning``,
+            ``nni``, ``hf_layers``, ``hf_tokens``; or a third party's own) -> the object that adapter uses: a callable taking the criterion's parameters, or a lazy
             ``"module.path:Attribute"`` string imported on first use.
         description: one line for ``vlprune list``.
         source: the paper or library it comes from.
