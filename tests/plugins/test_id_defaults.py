@@ -171,3 +171,23 @@ def test_default_profile_covers_every_group_tp_may_prune(name: str) -> None:
     prune_hf_model(model, make(2), imp, 0.4)
     assert sum(p.numel() for p in model.parameters()) < before
     model(**make(3, seed=9))
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip_vision"])
+def test_plain_tp_script_on_siglip_finds_an_id_for_the_pooling_head_mlp(kind: str) -> None:
+    """A Torch-Pruning script without hf_pruner_kwargs may prune the attention-pooling head's MLP
+    (head.mlp.fc1/fc2); the default profile covers it, so IDWeightedImportance does not stop."""
+    model, make = _siglip(kind)
+    profile = vlprune.estimate_ids(model, [make(8, seed=s) for s in range(3)], n_samples=24, progress=False)
+    prefix = "vision_model." if kind == "siglip" else ""
+    assert {f"{prefix}head.mlp.fc1", f"{prefix}head.mlp.fc2"} <= set(profile)
+    fc1 = model.get_submodule(f"{prefix}head.mlp.fc1")
+    imp = IDWeightedImportance(tp.importance.MagnitudeImportance(), profile)
+    pruner = tp.pruner.BasePruner(model, make(2), importance=imp, pruning_ratio=0.4, global_pruning=True,
+                                  output_transform=_output_transform)
+    head_groups = [g for g in pruner.DG.get_all_groups(root_module_types=[nn.Linear]) if g[0].dep.target.module is fc1]
+    if kind == "siglip":  # (SiglipVisionModel's traced output, last_hidden_state, does not reach its head)
+        assert head_groups and imp(head_groups[0]) is not None
+    before = sum(p.numel() for p in model.parameters())
+    pruner.step()
+    assert sum(p.numel() for p in model.parameters()) < before

@@ -633,7 +633,9 @@ def default_id_modules(model: nn.Module, info: FamilyInfo | None = None) -> list
     * A model of a known family: every ``nn.Linear`` except its output heads / projections (the
       ID-pruning paper's official choice), and in any case every linear of an MLP or attention
       :func:`describe` found, i.e. every root Torch-Pruning may prune through
-      ``hf_pruner_kwargs``, so ``IDWeightedImportance`` finds an ID for each of its groups.
+      ``hf_pruner_kwargs``, so ``IDWeightedImportance`` finds an ID for each of its groups; and the
+      linears of MLPs inside output heads (SigLIP's attention-pooling head ``head.mlp.fc1/fc2``),
+      which a plain Torch-Pruning script without ``hf_pruner_kwargs`` may prune.
     * Any other model (a plain ``nn.Sequential``, a hand-built CNN): every ``nn.Linear`` and
       ``nn.Conv1d/2d/3d`` (:func:`vlprune.plugins.intrinsic_dim.prunable_modules`), modality
       ``"unknown"``; which layer is an output head cannot be told from the modules, so none is left out.
@@ -664,6 +666,9 @@ def default_id_modules(model: nn.Module, info: FamilyInfo | None = None) -> list
     heads = set(info.heads)
     pruned = {p for m in info.mlps for p in (m.up, m.gate, m.down) if p}
     pruned |= {p for a in info.attentions for p in (a.q, a.k, a.v, a.o)}
+    # MLPs inside output heads too (SigLIP's attention-pooling head: head.mlp.fc1/fc2): a plain
+    # Torch-Pruning script may prune their hidden neurons, so IDWeightedImportance needs their ID
+    pruned |= {p for m in mlp_layouts(model) for p in (m.up, m.gate, m.down) if p}
     names = [n for n in info.linear_modality if n not in heads or n in pruned]
     if not names:
         raise ModelStructureError(
