@@ -84,7 +84,8 @@ def estimate_ids(
     By default every ``nn.Linear`` except output heads and projections (``lm_head``,
     classifiers, CLIP projections) is profiled, as in the ID-pruning paper's official code, and in
     any case every layer Torch-Pruning may prune through ``hf_pruner_kwargs`` and the MLPs inside
-    output heads that a plain Torch-Pruning script may prune (SigLIP's pooling head ``head.mlp``); a model of no known family gets every ``nn.Linear`` and ``nn.Conv*d``
+    output heads that a plain Torch-Pruning script may prune (SigLIP's pooling head ``head.mlp``);
+    a model of no known family gets every ``nn.Linear`` and ``nn.Conv*d``
     (:func:`vlprune.adapters.hf.families.default_id_modules`). The modality of each layer comes from
     the model family (``describe_model``). See
     :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound.
