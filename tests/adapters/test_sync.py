@@ -251,3 +251,28 @@ def test_config_values_that_break_the_configs_own_checks_stay_out() -> None:
     plan = _checked_config_plan([(cfg, {"hidden_size": 24, "intermediate_size": 4.5})])
     assert plan == [(cfg, {"hidden_size": 24})]
     assert (cfg.hidden_size, cfg.intermediate_size) == (32, 64)  # planning changes nothing
+
+
+def test_a_pruner_set_up_for_heads_with_no_head_ratio_is_reported(caplog) -> None:
+    """tp's head_pruning_ratio defaults to 0: with **hf_pruner_kwargs(model) and no head ratio no head
+    goes, and sync_hf_model(pruner=) says so with the fix."""
+    import torch_pruning as tp
+
+    from vlprune.adapters.torch_pruning import hf_pruner_kwargs
+    from vlprune.testbed.tiny import example_inputs, tiny_model
+
+    model = tiny_model("vit")
+    pruner = tp.pruner.BasePruner(model, example_inputs("vit"), importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.3, global_pruning=True, **hf_pruner_kwargs(model))
+    pruner.step()
+    with caplog.at_level("WARNING", logger="vlprune.adapters.hf.sync"):
+        vlprune.sync_hf_model(model, pruner=pruner)
+    assert "head_pruning_ratio" in caplog.text
+    caplog.clear()
+    model = tiny_model("vit")
+    pruner = tp.pruner.BasePruner(model, example_inputs("vit"), importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=0.3, head_pruning_ratio=0.3, global_pruning=True, **hf_pruner_kwargs(model))
+    pruner.step()
+    with caplog.at_level("WARNING", logger="vlprune.adapters.hf.sync"):
+        vlprune.sync_hf_model(model, pruner=pruner)
+    assert "head_pruning_ratio" not in caplog.text

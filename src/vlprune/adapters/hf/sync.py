@@ -357,6 +357,8 @@ def sync_hf_model(
     if pruned not in ("heads", "head_dim", "auto"):
         raise VLPruneError(f"pruned must be 'heads', 'head_dim' or 'auto', got {pruned!r}")
     head_counts = _pruner_head_counts(pruner) if pruner is not None else None
+    if pruner is not None:
+        _warn_if_heads_were_not_asked(pruner)
     modules = dict(model.named_modules())
     states = [_attn_state(modules, a) for a in find_attentions(model)]
     # plan everything first; nothing below changes the model until "apply"
@@ -401,6 +403,21 @@ class _AttnPlan:
     layout: tuple[int, int, int]  # heads, kv heads, head_dim
     changes: dict[str, int]
     fold: float | None  # factor for the query weights (keeps the original scale), or None
+
+
+def _warn_if_heads_were_not_asked(pruner: Any) -> None:
+    """Torch-Pruning prunes no head unless ``head_pruning_ratio`` is given: say so when a pruner set
+    up for head pruning (``prune_num_heads=True`` with ``num_heads``) had it at 0."""
+    if not (getattr(pruner, "prune_num_heads", False) and getattr(pruner, "num_heads", None)):
+        return
+    ratio = getattr(pruner, "head_pruning_ratio", None)
+    per_layer = getattr(pruner, "head_pruning_ratio_dict", None) or {}
+    if ratio == 0 and not any(v for v in per_layer.values()):
+        logger.warning(
+            "sync_hf_model: the pruner was set up to prune whole heads (prune_num_heads=True, num_heads) but its "
+            "head_pruning_ratio is 0, Torch-Pruning's default, so no head was pruned; pass head_pruning_ratio= "
+            "to tp.pruner.BasePruner (or prune_heads=False to hf_pruner_kwargs to prune MLP neurons only)"
+        )
 
 
 def _pruner_head_counts(pruner: Any) -> dict[int, int]:
