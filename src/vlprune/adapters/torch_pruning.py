@@ -713,7 +713,19 @@ def _restore(snap: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[st
             attrs["__config_state__"] = config_state
 
 
-class KeepHeads(tp.importance.Importance):
+class _FloorWrapper(tp.importance.Importance):
+    """Base of the floor wrappers: attributes it lacks (``update()`` / ``step()`` of a stateful base
+    such as :class:`PlatonImportance`) are the wrapped importance's."""
+
+    base: tp.importance.Importance
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class KeepHeads(_FloorWrapper):
     """Wrap any tp importance so that global head pruning keeps at least ``min_heads`` heads in
     every attention.
 
@@ -773,11 +785,6 @@ class KeepHeads(tp.importance.Importance):
         attentions, total = len(self._counts) // per, sum(self._counts) / per
         return max(0.0, 1.0 - attentions * self.min_heads / total)
 
-    def __getattr__(self, name: str) -> Any:  # update() / step() of stateful bases
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
     def __call__(self, group: Any) -> torch.Tensor | None:
         imp = call_importance(self.base, group, type(self).__name__)
         if imp is None:
@@ -803,7 +810,7 @@ def _lift_value(imp: torch.Tensor) -> float:
     return min(KeepHeads.LIFT, float(torch.finfo(imp.dtype).max)) if imp.is_floating_point() else KeepHeads.LIFT
 
 
-class KeepNeurons(tp.importance.Importance):
+class KeepNeurons(_FloorWrapper):
     """Wrap any tp importance so that every MLP keeps at least ``min_neurons`` hidden neurons.
 
     Torch-Pruning 1.6 removes, in a layer, every channel under the (global or local) threshold; a
@@ -836,11 +843,6 @@ class KeepNeurons(tp.importance.Importance):
         self.base = base
         self.modules = set(modules)
         self.min_neurons = min_neurons
-
-    def __getattr__(self, name: str) -> Any:  # update() / step() of stateful bases
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         imp = call_importance(self.base, group, type(self).__name__)
