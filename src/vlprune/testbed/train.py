@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = Path(__file__).parent / "checkpoints"
 MAX_TEXT = 24
 N_IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2  # 16 patch tokens (the CLS token is dropped)
+DEEP_LAYERS = 8  # decoder layers of the testbed "llava-deep"
 
 
 def clip_config() -> Any:
@@ -56,9 +57,10 @@ def clip_config() -> Any:
     )
 
 
-def llava_config(vision_config: Any | None = None) -> Any:
-    """The testbed LLaVA: the testbed CLIP's vision tower, a 2-layer projector and a 4-layer
-    Llama-style decoder (GQA: 4 query / 2 key-value heads)."""
+def llava_config(vision_config: Any | None = None, num_layers: int = 4) -> Any:
+    """The testbed LLaVA: the testbed CLIP's vision tower, a 2-layer projector and a
+    ``num_layers``-layer Llama-style decoder (GQA: 4 query / 2 key-value heads); 4 layers for
+    ``llava``, 8 for ``llava-deep`` (depth pruning needs more layers to remove)."""
     from transformers import CLIPVisionConfig, LlavaConfig
 
     vocab = vocabulary()
@@ -66,7 +68,7 @@ def llava_config(vision_config: Any | None = None) -> Any:
     return LlavaConfig(
         vision_config=vision.to_dict() | {"model_type": "clip_vision_model"},
         text_config=dict(
-            model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+            model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=num_layers,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(vocab), max_position_embeddings=64,
             bos_token_id=vocab.index("[BOS]"), eos_token_id=vocab.index("[EOS]"), pad_token_id=vocab.index("[PAD]"),
             tie_word_embeddings=False,
@@ -184,8 +186,9 @@ def train_llava(
     vqa_mix: tuple[float, float, float] = VQA_STAGE_MIX,
     vqa_lr: float = 1e-3,
     stage1_dir: Path | None = None,
+    num_layers: int = 4,
 ) -> dict[str, Any]:
-    """Train the testbed LLaVA; returns the log.
+    """Train the testbed LLaVA (``num_layers`` decoder layers); returns the log.
 
     Stage 1 (``steps``): vision tower initialised from the testbed CLIP, the task ``mix``. Stage 2
     (``vqa_steps``, 0 to skip): the same recipe on a VQA-general-heavy mix (``vqa_mix``), which
@@ -198,7 +201,7 @@ def train_llava(
     rng = random.Random(seed)
     log: dict[str, Any] = {
         "model": "llava", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "task_mix": list(mix), "loss_average": "per example",
+        "task_mix": list(mix), "loss_average": "per example", "num_layers": num_layers,
     }
 
     def loss_of(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -215,7 +218,7 @@ def train_llava(
         log["stage1_from"] = "checkpoint"
     else:
         clip = CLIPModel.from_pretrained(clip_dir or CHECKPOINTS / "clip", local_files_only=True)
-        model = LlavaForConditionalGeneration(llava_config(clip.config.vision_config))
+        model = LlavaForConditionalGeneration(llava_config(clip.config.vision_config, num_layers=num_layers))
         missing = model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=False)
         if missing.unexpected_keys:
             raise RuntimeError(f"CLIP vision weights do not fit the LLaVA tower: {missing.unexpected_keys[:3]}")
@@ -345,7 +348,8 @@ def train_clip(out: Path, steps: int = 1500, batch_size: int = 128, lr: float = 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["clip", "llava", "blip"])
+    parser.add_argument("model", choices=["clip", "llava", "llava-deep", "blip"],
+                        help="llava-deep: the LLaVA recipe with an 8-layer decoder (for depth pruning)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -364,16 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else CHECKPOINTS / args.model
     kwargs: dict[str, Any] = {"steps": args.steps} if args.steps else {}
     if args.mix is not None:
-        if args.model != "llava":
+        if args.model not in ("llava", "llava-deep"):
             parser.error("--mix applies to llava only")
         kwargs["mix"] = tuple(args.mix)
-    if args.model != "llava" and (args.vqa_steps is not None or args.stage1):
+    llava = args.model in ("llava", "llava-deep")
+    if args.model == "llava-deep":
+        kwargs["num_layers"] = DEEP_LAYERS
+    if not llava and (args.vqa_steps is not None or args.stage1):
         parser.error("--vqa-steps / --stage1 apply to llava only")
     if args.vqa_steps is not None:
         kwargs["vqa_steps"] = args.vqa_steps
     if args.stage1:
         kwargs["stage1_dir"] = Path(args.stage1)
-    trainer = {"clip": train_clip, "llava": train_llava, "blip": train_blip}[args.model]
+    trainer = {"clip": train_clip, "llava": train_llava, "llava-deep": train_llava, "blip": train_blip}[args.model]
     log = trainer(out, seed=args.seed, **kwargs)
     sys.stdout.write(f"trained {args.model} in {log['train_seconds']} s; final loss {log['loss'][-1][1]}\n")
     return 0
