@@ -23,6 +23,7 @@ CHECKPOINTS = Path(__file__).parent / "checkpoints"
 MODELS: dict[str, str] = {
     "clip": "CLIPModel",
     "llava": "LlavaForConditionalGeneration",
+    "llava-deep": "LlavaForConditionalGeneration",
     "blip": "BlipForConditionalGeneration",
 }
 

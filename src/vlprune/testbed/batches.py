@@ -2,14 +2,14 @@
 
 Every data-driven call of vlprune (``estimate_ids``, AMP, PLATON, distillation, Torch-Pruning's
 tracing) takes batches that the model accepts as ``model(**batch)``. This module makes them for the
-testbed models (``"clip"``, ``"llava"``, ``"blip"``, trained checkpoints) and for the tiny
-config-built models (``"tiny-clip"``, ``"tiny-llava"``, ``"tiny-vit"``, ...):
+testbed models (``"clip"``, ``"llava"``, ``"llava-deep"``, ``"blip"``, trained checkpoints) and for
+the tiny config-built models (``"tiny-clip"``, ``"tiny-llava"``, ``"tiny-vit"``, ...):
 
-* ``"llava"``: ``input_ids`` holding the 16 ``<image>`` placeholder tokens the vision tower fills,
-  then the prompt (``caption`` or ``question ...``) and the answer; ``attention_mask``;
-  ``pixel_values``; with ``labels=True`` the answer tokens as ``labels`` (``model(**b).loss``).
-  A tokenizer alone cannot make these: without the placeholders transformers stops with "Image
-  features and image tokens do not match".
+* ``"llava"`` (and ``"llava-deep"``, the same with 8 decoder layers): ``input_ids`` holding the
+  16 ``<image>`` placeholder tokens the vision tower fills, then the prompt (``caption`` or
+  ``question ...``) and the answer; ``attention_mask``; ``pixel_values``; with ``labels=True`` the
+  answer tokens as ``labels`` (``model(**b).loss``). A tokenizer alone cannot make these: without
+  the placeholders transformers stops with "Image features and image tokens do not match".
 * ``"clip"``: ``pixel_values`` and the scene captions (``input_ids``, ``attention_mask``); with
   ``labels=True``, ``return_loss=True`` (the contrastive loss).
 * ``"blip"``: ``pixel_values`` and ``[BOS] caption [SEP]``; with ``labels=True``, ``labels``.
@@ -36,11 +36,12 @@ from vlprune.errors import DataError, RegistryError
 __all__ = ["batches", "example_inputs", "TESTBED_MODELS", "TASKS_OF"]
 
 #: testbed checkpoints this module feeds (the tiny families are ``"tiny-<family>"``)
-TESTBED_MODELS: tuple[str, ...] = ("clip", "llava", "blip")
+TESTBED_MODELS: tuple[str, ...] = ("clip", "llava", "llava-deep", "blip")
 #: what ``task=`` may be for each testbed model
 TASKS_OF: dict[str, tuple[str, ...]] = {
     "clip": ("caption",),
     "llava": ("mixed", "caption", "math", "general"),
+    "llava-deep": ("mixed", "caption", "math", "general"),
     "blip": ("caption",),
 }
 _LLAVA_MIX: dict[str, tuple[float, float, float]] = {
@@ -112,7 +113,7 @@ def batches(
     scenes that :func:`vlprune.testbed.evaluate` scores); the same arguments give the same batches.
 
     Args:
-        model: ``"clip"``, ``"llava"``, ``"blip"`` (``vlprune.testbed.load(name)``) or
+        model: ``"clip"``, ``"llava"``, ``"llava-deep"``, ``"blip"`` (``vlprune.testbed.load(name)``) or
             ``"tiny-<family>"`` (``vlprune.testbed.tiny.tiny_model(family)``, random inputs).
         n_samples: samples in all; the last batch holds the remainder.
         batch_size: samples per batch.
@@ -160,7 +161,7 @@ def batches(
         if images_only:
             out.append({"pixel_values": pixel_values(chunk)})
             continue
-        if model == "llava":
+        if model in ("llava", "llava-deep"):
             mix = TASK_MIX if task in (None, "mixed") else _LLAVA_MIX[task]
             batch = llava_batch(chunk, rng, mix=mix)
         elif model == "blip":
