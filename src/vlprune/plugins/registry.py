@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "vlprune.plugins.baselines",
     "vlprune.plugins.platon",
     "vlprune.plugins.amp",
+    "vlprune.plugins.layer_similarity",
 )
 
 #: every adapter vlprune knows, in the column order of ``vlprune list``: the framework bridges
