@@ -405,8 +405,21 @@ def test_select_spacing() -> None:
                 key=lambda c: float(r[list(c)].sum()),
             )
             assert ls.select_layers(r, k, "spacing", evenness=0.0) == list(best)
-    with pytest.raises(VLPruneError, match="largest k is 2"):
-        ls.select_layers(S, 3, "spacing")
+    # past (m + 1) // 2 adjacency is unavoidable: runs as short as possible, against brute force
+    assert ls.select_layers(torch.zeros(8), 4, "spacing") == [1, 2, 4, 5]  # runs of 2 at most; ties: lower index
+    for _ in range(10):
+        r = torch.rand(9, generator=g, dtype=torch.float64)
+        for k in (5, 6):
+            def longest(c):
+                run = top = 1
+                for a, b in zip(c, c[1:]):
+                    run = run + 1 if b == a + 1 else 1
+                    top = max(top, run)
+                return top
+            shortest = min(longest(c) for c in itertools.combinations(range(1, 8), k))
+            best = max((c for c in itertools.combinations(range(1, 8), k) if longest(c) == shortest),
+                       key=lambda c: float(r[list(c)].sum()))
+            assert ls.select_layers(r, k, "spacing", evenness=0.0) == list(best)
 
 
 def test_select_consecutive_and_run() -> None:
@@ -421,12 +434,12 @@ def test_select_consecutive_and_run() -> None:
 
 def test_select_regime() -> None:
     flat = torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0])  # 7 removable layers
-    # default switch: floor(0.25 * 7) = 1 -> rank for k = 1, spacing for k = 2..4, rank again above
+    # default switch: floor(0.25 * 7) = 1 -> rank for k = 1, spacing above (runs as short as possible past 4)
     assert ls.select_layers(flat, 1, "regime") == [1]
     assert ls.select_layers(flat, 2, "regime") == ls.select_layers(flat, 2, "spacing") != ls.select_layers(flat, 2, "rank")
     assert ls.select_layers(flat, 2, "regime", regime_switch=2) == [1, 2]
     assert ls.select_layers(flat, 3, "regime", regime_switch=0.5) == [1, 2, 3]
-    assert ls.select_layers(flat, 5, "regime") == ls.select_layers(flat, 5, "rank")
+    assert ls.select_layers(flat, 5, "regime") == ls.select_layers(flat, 5, "spacing") != ls.select_layers(flat, 5, "rank")
     assert ls.DEFAULT_REGIME_SWITCH == 0.25
 
 

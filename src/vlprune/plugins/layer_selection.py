@@ -2,7 +2,8 @@
 scores (:mod:`vlprune.plugins.layer_similarity` computes them).
 
 * ``rank``: the top k removable layers;
-* ``spacing``: the best k with no two adjacent and gaps as even as the scores allow;
+* ``spacing``: the best k with no two adjacent (or, past half the layers, the shortest runs) and
+  gaps as even as the scores allow;
 * ``consecutive``: the best run of k (Gromov et al.);
 * ``regime``: ``rank`` at low budgets, ``spacing`` at high ones (Khaki et al., 2026).
 
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -108,6 +110,42 @@ def _spacing(s: torch.Tensor, k: int, evenness: float) -> list[int]:
     return sorted(picks)
 
 
+#: above this many candidate sets, ``spacing`` with adjacent removals (k > (m + 1) // 2) refuses
+_MAX_SPREAD_SETS = 500_000
+
+
+def _gaps(picks: Sequence[int], m: int) -> list[int]:
+    """Kept layers before, between and after the picks (sorted) in a region of ``m`` layers."""
+    edges = [-1, *picks, m]
+    return [b - a - 1 for a, b in zip(edges, edges[1:])]
+
+
+def _spread(s: torch.Tensor, k: int, evenness: float) -> list[int] | None:
+    """``spacing`` when adjacency cannot be avoided (``k > (m + 1) // 2``): runs of removed layers
+    at most ``ceil(k / (m - k + 1))`` long (the shortest possible), then the same objective as
+    :func:`_spacing`; exhaustive over the sets (None if there are more than ``_MAX_SPREAD_SETS``)."""
+    m = s.numel()
+    if math.comb(m, k) > _MAX_SPREAD_SETS:
+        return None
+    longest = math.ceil(k / (m - k + 1))
+    vals = s.tolist()
+    c = evenness / (k + 1)
+    best, best_picks = -math.inf, None
+    for picks in itertools.combinations(range(m), k):
+        run = top = 1
+        for a, b in zip(picks, picks[1:]):
+            run = run + 1 if b == a + 1 else 1
+            top = max(top, run)
+        if top > longest:
+            continue
+        gaps = _gaps(picks, m)
+        mean = sum(gaps) / len(gaps)
+        value = sum(vals[p] for p in picks) - c * sum((g - mean) ** 2 for g in gaps)
+        if value > best + 1e-12:
+            best, best_picks = value, list(picks)
+    return best_picks
+
+
 def _best_run(run_scores: list[float], higher: bool) -> int:
     best = max(run_scores) if higher else min(run_scores)
     return next(i for i, v in enumerate(run_scores) if v == best)
@@ -137,14 +175,15 @@ def select_layers(
           the region (their sum is fixed, so the variance measures evenness). Exact dynamic
           programme, ``O(k m^2)``. ``evenness=0`` gives the best-scoring non-adjacent set; equal
           scores give evenly spaced layers; remaining ties are broken deterministically, towards
-          lower indices. Needs ``k <= (m + 1) // 2``, else a :class:`VLPruneError` names that
-          largest k.
+          lower indices. Above ``k = (m + 1) // 2`` adjacency is unavoidable: runs of removed layers
+          are then at most ``ceil(k / (m - k + 1))`` long (the shortest possible: removals spread
+          as evenly as they can be), with the same objective, searched exhaustively (refused, with
+          the fix, past 500,000 candidate sets).
         * ``"consecutive"``: the run of ``k`` adjacent layers of the region with the highest mean
           removability (LLM-Streamline / Gromov-style; for Gromov's angular distance, whose score is
           per run, use :func:`select_run`).
         * ``"regime"``: ``"rank"`` while ``k <= switch``, ``"spacing"`` above (the paper's low vs high
-          budgets); where spacing is infeasible (``k > (m + 1) // 2``) it falls back to ``"rank"``
-          (logged at INFO).
+          budgets).
 
     Args:
         scores: one score per layer (1-D), e.g. :func:`layer_similarity` or
@@ -166,7 +205,8 @@ def select_layers(
 
     Raises:
         VLPruneError: ``k < 1``, ``k`` above the removable layers (the message says how many are),
-            an unknown strategy, bad protection / switch / evenness, spacing infeasible.
+            an unknown strategy, bad protection / switch / evenness, a spread-out spacing too large to
+            search.
         DataError: scores not 1-D or with NaN / Inf.
 
     Example:
@@ -186,9 +226,6 @@ def select_layers(
         switch = _regime_switch(regime_switch, m)
         if k <= switch:
             strategy = "rank"
-        elif k > (m + 1) // 2:
-            logger.info("regime: %d non-adjacent layers do not fit in %d removable ones; using rank", k, m)
-            strategy = "rank"
         else:
             strategy = "spacing"
         logger.debug("regime: k=%d, switch=%d -> %s", k, switch, strategy)
@@ -199,17 +236,21 @@ def select_layers(
         start = _best_run(runs, higher=True)
         picks = list(range(start, start + k))
     else:
-        if k > (m + 1) // 2:
-            raise VLPruneError(
-                f"spacing cannot remove {k} non-adjacent layers out of the {m} removable ones (of {n}, "
-                f"protect_first={protect_first}, protect_last={protect_last}); the largest k is {(m + 1) // 2}: "
-                "lower k, or use strategy='rank' / 'regime'"
-            )
         if isinstance(evenness, bool) or not isinstance(evenness, (int, float)) or not evenness >= 0:
             raise VLPruneError(f"evenness must be a number >= 0, got {evenness!r}")
         span = float(region.max() - region.min())
         normed = (region - region.min()) / span if span > 0 else torch.zeros_like(region)
-        picks = _spacing(normed, k, float(evenness))
+        if k <= (m + 1) // 2:
+            picks = _spacing(normed, k, float(evenness))
+        else:
+            spread = _spread(normed, k, float(evenness))
+            if spread is None:
+                raise VLPruneError(
+                    f"spacing: {k} of {m} removable layers cannot be non-adjacent (at most {(m + 1) // 2}), and "
+                    f"the {math.comb(m, k)} sets with the shortest runs are too many to search; lower k or use "
+                    "strategy='rank'"
+                )
+            picks = spread
     return sorted(lo + p for p in picks)
 
 
