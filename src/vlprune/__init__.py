@@ -50,6 +50,7 @@ __all__ = [
     "sync_hf_model",
     "save_pruned",
     "load_pruned",
+    "remove_layers",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -123,6 +124,20 @@ def sync_hf_model(model: nn.Module, **kwargs: Any) -> Any:
     from vlprune.adapters.hf.surgery import sync_hf_model as _sync
 
     return _sync(model, **kwargs)
+
+
+def remove_layers(model: nn.Module, layers: Any, **kwargs: Any) -> Any:
+    """Remove decoder layers (depth pruning) in place: the decoder list, ``layer_idx`` and the config.
+
+    ``protect_first=`` / ``protect_last=`` refuse removing the first / last layers. Returns a
+    :class:`~vlprune.adapters.hf.layers.LayerRemoval`. See :func:`vlprune.adapters.hf.layers.remove_layers`.
+
+    Example:
+        >>> vlprune.remove_layers(model, [1, 2], protect_first=1, protect_last=1)   # doctest: +SKIP
+    """
+    from vlprune.adapters.hf.layers import remove_layers as _remove
+
+    return _remove(model, layers, **kwargs)
 
 
 def save_pruned(model: nn.Module, directory: Any, **kwargs: Any) -> Any:
