@@ -8,6 +8,8 @@ Public API (everything a script needs is re-exported here)::
     profile = vlprune.estimate_ids(model, batches, n_samples=2000)
     vlprune.sync_hf_model(model)            # after Torch-Pruning changed a transformers model
     vlprune.save_pruned(model, "out/"); model = vlprune.load_pruned("out/")
+    scores = vlprune.domain_similarity(model, {"math": mb, "general": gb})   # per decoder layer
+    vlprune.remove_layers(model, vlprune.select_layers(scores["math"], k=2, strategy="regime"))
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ from vlprune.plugins.capture import ModuleSelector, Representation
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.intrinsic_dim import Estimator, IDProfile, LayerID, twonn, twonn_block_average
 from vlprune.plugins.intrinsic_dim import estimate_ids as _estimate_ids
+from vlprune.plugins.layer_selection import select_layers, select_run
+from vlprune.plugins.layer_similarity import (
+    angular_distance,
+    block_influence,
+    combine_domains,
+    domain_similarity,
+    layer_similarity,
+    rank_layers,
+)
 from vlprune.plugins.registry import check_pairing, criteria, get_criterion, register, unregister
 
 __version__ = "0.1.0.dev0"
@@ -51,6 +62,14 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "remove_layers",
+    "layer_similarity",
+    "block_influence",
+    "angular_distance",
+    "domain_similarity",
+    "combine_domains",
+    "rank_layers",
+    "select_layers",
+    "select_run",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
