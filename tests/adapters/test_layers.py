@@ -32,7 +32,7 @@ from torch import nn
 
 import vlprune
 from vlprune.adapters.hf import layers as layers_mod
-from vlprune.adapters.hf.layers import INDEX_ATTRS, LayerRemoval, remove_layers
+from vlprune.adapters.hf.layers import LayerRemoval, remove_layers
 from vlprune.adapters.hf.persist import load_pruned, save_pruned
 from vlprune.adapters.torch_pruning import hf_pruner_kwargs, prune_hf_model
 from vlprune.errors import ModelStructureError, VLPruneError
@@ -51,8 +51,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-_LM = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-           max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LM = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+       "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +93,13 @@ def gemma2(types: list[str]) -> nn.Module:
 
     cfg = Gemma2Config(num_hidden_layers=len(types), head_dim=8, sliding_window=4, layer_types=list(types), **_LM)
     return Gemma2ForCausalLM(cfg)
+
+
+def gemma3(types: list[str]) -> nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(num_hidden_layers=len(types), head_dim=8, sliding_window=4, layer_types=list(types), **_LM)
+    return Gemma3ForCausalLM(cfg)
 
 
 def llava(types: list[str]) -> nn.Module:
@@ -170,6 +177,7 @@ CASES = [  # (builder, per-layer types, layers to remove)
     pytest.param(qwen2, [F, S, F, S, S], [1, 2], id="qwen2-mixed"),
     pytest.param(qwen3, [S, F, S, F], [0, 3], id="qwen3-mixed"),
     pytest.param(gemma2, [S, F, S, F], [1, 2], id="gemma2"),
+    pytest.param(gemma3, [S, F, S, S, F], [0, 1], id="gemma3"),
     pytest.param(llava, [F] * 4, [0, 2], id="llava"),
     pytest.param(blip, [F] * 3, [1], id="blip-text-decoder"),
 ]
@@ -277,13 +285,13 @@ def test_trained_testbed_llava_generates_the_same_answers_cached_and_uncached() 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("builder", "types", "remove"), [CASES[2], CASES[5], CASES[6]])
+@pytest.mark.parametrize(("builder", "types", "remove"), [c for c in CASES if c.id in ("qwen2-mixed", "gemma3", "llava", "blip-text-decoder")])
 def test_save_pruned_load_pruned_and_from_pretrained_reload_exactly(
     builder: Callable, types: list[str], remove: list[int], tmp_path: Path
 ) -> None:
-    model = build(builder, types)
+    model = build(builder, types).float()
     remove_layers(model, remove)
-    inputs = inputs_for(builder)
+    inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs_for(builder).items()}
     expected = logits(model, inputs)
     save_pruned(model, tmp_path / "m")
     marker = json.loads((tmp_path / "m" / "config.json").read_text())["vlprune"]
@@ -292,7 +300,7 @@ def test_save_pruned_load_pruned_and_from_pretrained_reload_exactly(
     again = load_pruned(tmp_path / "m")
     assert torch.equal(logits(again, inputs), expected)
     assert text_config(again).num_hidden_layers == len(types) - len(remove)
-    plain = type(model).from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+    plain = type(model).from_pretrained(tmp_path / "m").eval()
     assert torch.equal(logits(plain, inputs), expected)
     assert torch.equal(generate(plain, inputs, True).sequences, generate(model, inputs, True).sequences)
 
@@ -306,10 +314,9 @@ def _tp_width(model: nn.Module, family: str) -> None:
     if family == "llava":  # vlprune's one-call flow
         prune_hf_model(model, example_inputs("llava", batch_size=2), tp.importance.GroupMagnitudeImportance(), 0.4,
                        modalities=("language",))
-    else:  # a plain Torch-Pruning script
+    else:  # a plain Torch-Pruning script, local: every MLP keeps the same width
         pruner = tp.pruner.BasePruner(model, text_inputs(), importance=tp.importance.GroupMagnitudeImportance(),
-                                      pruning_ratio=0.4, head_pruning_ratio=0.5, global_pruning=True,
-                                      **hf_pruner_kwargs(model))
+                                      pruning_ratio=0.4, global_pruning=False, **hf_pruner_kwargs(model))
         pruner.step()
         vlprune.sync_hf_model(model, pruner=pruner)
 
@@ -340,6 +347,26 @@ def test_torch_pruning_width_and_layer_removal_in_either_order(family: str, orde
     again = load_pruned(tmp_path / "m")
     assert torch.equal(logits(again, inputs), expected)
     assert torch.equal(generate(again, inputs, True).sequences, cached.sequences)
+    if family == "llama":  # uniform widths, stated by the config: plain transformers loads it too
+        assert json.loads((tmp_path / "m" / "config.json").read_text())["vlprune"]["from_pretrained"] is True
+        plain = type(model).from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
+        assert torch.equal(logits(plain, inputs), expected)
+
+
+def test_sync_after_removal_states_a_width_the_kept_layers_now_share(tmp_path: Path) -> None:
+    """Width first with per-layer widths (32, 48, 48), then layer 0 removed: sync_hf_model writes
+    intermediate_size=48 into the config and plain from_pretrained loads the saved model."""
+    model = build(llama, [F] * 3).float()
+    first_up = model.model.layers[0].mlp.up_proj
+    prune_hf_model(model, text_inputs(), tp.importance.GroupMagnitudeImportance(), 0.25, global_pruning=False,
+                   pruning_ratio_dict={first_up: 0.5})
+    assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == [32, 48, 48]
+    remove_layers(model, [0])
+    assert vlprune.sync_hf_model(model) == {"config": {"intermediate_size": 48}}
+    save_pruned(model, tmp_path / "m")
+    inputs = text_inputs()
+    plain = type(model).from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(logits(plain, inputs), logits(model, inputs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +382,9 @@ def test_layers_by_path_tensor_single_int_and_the_public_reexport() -> None:
     assert vlprune.remove_layers(model, torch.tensor([3, 1])).removed == (1, 3)
     assert remove_layers(model, 0).kept == (1,)  # layers 0 and 2 of the original
     assert "remove_layers" in vlprune.__all__
+    from vlprune.adapters.hf import surgery
+
+    assert surgery.remove_layers is remove_layers and "remove_layers" in surgery.__all__
 
 
 def test_empty_list_changes_nothing() -> None:
@@ -435,6 +465,17 @@ def test_a_model_without_decoder_layers_is_refused_naming_its_class_and_the_supp
     assert_untouched(model, before)
     with pytest.raises(VLPruneError, match="an nn.Module"):
         remove_layers("not a model", [0])  # type: ignore[arg-type]
+
+
+def test_dropping_every_layer_of_a_type_is_refused_where_a_module_keeps_per_type_state() -> None:
+    """Gemma3's rotary embedding holds frequencies per layer type; without any sliding layer a model
+    built from the new config would not have them: refused before anything changes."""
+    model = build(gemma3, [S, F, S, F])
+    before = snapshot(model)
+    with pytest.raises(ModelStructureError, match=r"no sliding_attention layer.*model\.rotary_emb\.layer_types"):
+        remove_layers(model, [0, 2])
+    assert_untouched(model, before)
+    remove_layers(build(qwen2, [F, S, F, S]), [1, 3])  # Qwen2 keeps no per-type state: fine
 
 
 def test_a_config_that_refuses_the_new_depth_is_reported_before_anything_changes(monkeypatch) -> None:

@@ -53,7 +53,8 @@ from __future__ import annotations
 import copy
 import logging
 import numbers
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ from torch import nn
 
 from vlprune.errors import ModelStructureError, VLPruneError
 
-__all__ = ["remove_layers", "LayerRemoval", "decoder_list", "INDEX_ATTRS", "INDEX_LIST_FIELDS", "THRESHOLD_FIELDS"]
+__all__ = ["INDEX_ATTRS", "INDEX_LIST_FIELDS", "THRESHOLD_FIELDS", "LayerRemoval", "decoder_list", "remove_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class LayerRemoval:
     config_changes: dict[str, dict[str, Any]] = field(default_factory=dict)
     renumbered: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def __iter__(self):  # noqa: D105 - list(report) / sorted(report): the removed indices
+    def __iter__(self) -> Iterator[int]:
+        """The removed indices: ``list(report)``."""
         return iter(self.removed)
 
 
@@ -195,10 +197,9 @@ def _config_plan(name: str, cfg: Any, kept: list[int], depth: int) -> dict[str, 
     for attr, value in vars(cfg).items():
         if attr.startswith("_") or attr == "num_hidden_layers":
             continue
-        if attr in INDEX_LIST_FIELDS and isinstance(value, (list, tuple)):
-            if all(isinstance(v, int) for v in value):
-                values[attr] = type(value)(new_index[v] for v in value if v in new_index)
-                continue
+        if attr in INDEX_LIST_FIELDS and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            values[attr] = type(value)(new_index[v] for v in value if v in new_index)
+            continue
         if attr in THRESHOLD_FIELDS and isinstance(value, int) and not isinstance(value, bool):
             if 0 <= value < depth:
                 values[attr] = sum(1 for k in kept if k < value)
@@ -291,8 +292,7 @@ def _read_layers(layers: Any, path: str, depth: int) -> list[int]:
             f"{type(layers).__name__}"
         )
     indices = [_as_index(item, path, depth) for item in layers]
-    seen: set[int] = set()
-    duplicates = sorted({i for i in indices if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+    duplicates = sorted(i for i, n in Counter(indices).items() if n > 1)
     if duplicates:
         raise VLPruneError(
             f"remove_layers: layer(s) {duplicates} are listed more than once; list each layer to remove once"
@@ -328,6 +328,26 @@ def _index_changes(layer: nn.Module, old: int, new: int, prefix: str) -> list[tu
             if old != new:
                 out.append((module, f"{prefix}.{sub_name}".rstrip("."), attr, value, value - old + new))
     return out
+
+
+def _refuse_lost_layer_type(model: nn.Module, path: str, old: list[str], new: list[str], remove: list[int]) -> None:
+    """Refuse a removal that drops every layer of one attention type when a module outside the
+    decoder keeps per-type state built at construction (Gemma3's rotary embedding: one set of
+    frequencies per layer type), which a model built from the new config would not have."""
+    lost = sorted(set(old) - set(new))
+    stale = [
+        f"{name}.{attr}"
+        for name, module in model.named_modules()
+        if name != path and not name.startswith(path + ".")
+        for attr in ("layer_types", "unique_layer_types")
+        if isinstance(module.__dict__.get(attr), (list, tuple, set, frozenset)) and set(module.__dict__[attr]) == set(old)
+    ]
+    if stale:
+        raise ModelStructureError(
+            f"remove_layers: removing {remove} leaves no {' / '.join(lost)} layer, but {stale} keep(s) per-type "
+            f"state (e.g. rotary frequencies) built for {sorted(set(old))}; keep at least one layer of each "
+            "type (layer_types) or build the model anew from the new config"
+        )
 
 
 def remove_layers(
@@ -417,6 +437,9 @@ def remove_layers(
         change for new, old in enumerate(kept) for change in _index_changes(layer_objs[old], old, new, f"{path}.{new}")
     ]
     new_types = next((v["layer_types"] for _, _, v in config_plan if "layer_types" in v), None)
+    old_types = next((getattr(c, "layer_types", None) for _, c, v in config_plan if "layer_types" in v), None)
+    if new_types is not None and old_types is not None and set(new_types) != set(old_types):
+        _refuse_lost_layer_type(model, path, list(old_types), list(new_types), remove)
     derived: list[tuple[nn.Module, str, Any, Any]] = []
     if new_types is not None:
         parts = path.split(".")

@@ -1,8 +1,9 @@
-"""Surgery on transformers models: sync after Torch-Pruning, save and reload pruned models.
+"""Surgery on transformers models: sync after Torch-Pruning, remove decoder layers, save and reload.
 
 A re-export, so that existing imports keep working; the code lives by concern in
 :mod:`vlprune.adapters.hf.sync` (attention / config bookkeeping after Torch-Pruning changed the
-shapes: :func:`sync_hf_model`) and :mod:`vlprune.adapters.hf.persist` (:func:`save_pruned` /
+shapes: :func:`sync_hf_model`), :mod:`vlprune.adapters.hf.layers` (depth pruning:
+:func:`remove_layers`) and :mod:`vlprune.adapters.hf.persist` (:func:`save_pruned` /
 :func:`load_pruned`).
 
 Example:
@@ -17,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from vlprune.adapters.hf.layers import LayerRemoval, remove_layers
 from vlprune.adapters.hf.persist import SHAPES_FILE, load_pruned, save_pruned
 from vlprune.adapters.hf.sync import (
     ATTENTION_ATTRS,
@@ -31,6 +33,8 @@ __all__ = [
     "sync_hf_model",
     "save_pruned",
     "load_pruned",
+    "remove_layers",
+    "LayerRemoval",
     "find_attentions",
     "find_mlps",
     "AttentionLayout",
