@@ -33,12 +33,15 @@ of the new config has the same structure, so :func:`~vlprune.adapters.hf.persist
 :func:`~vlprune.adapters.hf.persist.load_pruned` reload it exactly, and plain
 ``from_pretrained`` does too when no width differs from the config.
 
-Not adjusted (logged as a warning when present and the depth changes): other list fields whose
-length happens to equal the depth but whose name does not contain ``layer`` (they cannot be told
-from token-id lists), periodic patterns (Gemma3's ``sliding_window_pattern``; its ``layer_types``,
-which transformers reads, is adjusted), layer-index lists not in :data:`INDEX_LIST_FIELDS`,
-cross-layer KV sharing (Gemma3n). Encoder stacks (vision towers, BERT encoders) are not decoder
-layers and are refused.
+Not adjusted: list fields whose length happens to equal the depth but whose name does not contain
+``layer`` (they cannot be told from token-id lists); periodic patterns (Gemma3's
+``sliding_window_pattern``: its ``layer_types``, which transformers reads, is adjusted); layer-index
+lists not in :data:`INDEX_LIST_FIELDS`; cross-layer KV sharing (Gemma3n). A ``layer``-named list of
+another length and a ``sliding_window_pattern`` are logged as warnings. A removal that leaves no
+layer of one attention type is refused where a module outside the decoder keeps per-type state
+built at construction (Gemma3's rotary embedding holds frequencies per layer type); elsewhere
+(Qwen2) it is fine. Encoder stacks (vision towers, BERT encoders) are not decoder layers and are
+refused.
 
 Example:
     >>> from vlprune.testbed.tiny import tiny_model
@@ -390,7 +393,8 @@ def remove_layers(
 
     Raises:
         ModelStructureError: no decoder layers found (names the model class and the supported
-            families), no config stating the depth, or a config refusing the new values.
+            families), no config stating the depth, a config refusing the new values, or every
+            layer of one attention type removed where a module keeps per-type state (Gemma3).
         VLPruneError: wrong types, an index out of range, duplicates, every layer listed, a
             protected layer listed; or a failure while applying (the model is restored first).
 
@@ -409,9 +413,10 @@ def remove_layers(
     remove = _read_layers(layers, path, depth)
     protected = sorted({i for i in remove if i < first or i >= depth - last})
     if protected:
+        removable = f"removable are {first}..{depth - last - 1}" if first < depth - last else "no layer is removable"
         raise VLPruneError(
             f"remove_layers: layer(s) {protected} are protected (protect_first={first}, protect_last={last} of "
-            f"{depth} layers: removable are {first}..{depth - last - 1}); choose other layers or lower the protection"
+            f"{depth} layers: {removable}); choose other layers or lower the protection"
         )
     if len(remove) == depth:
         raise VLPruneError(
