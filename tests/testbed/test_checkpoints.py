@@ -35,3 +35,13 @@ def test_testbed_blip_captions() -> None:
 
     with pytest.raises(VLPruneError, match="captioner"):
         evaluate(model, "vqa", n=10)
+
+
+@pytest.mark.slow
+def test_testbed_llava_deep_answers_and_has_eight_decoder_layers() -> None:
+    import vlprune
+
+    model = load("llava-deep")
+    assert len(vlprune.describe_model(model).decoder_layers) == 8
+    vqa = evaluate(model, "vqa", n=200)
+    assert vqa["math"] > 0.5 and vqa["general"] > 0.6
