@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins.id_weighted import GroupIDReduce, group_id, id_weight
@@ -43,6 +44,7 @@ __all__ = [
     "check_finite",
     "hf_pruner_kwargs",
     "unwrapped_parameters",
+    "positive_dims",
     "prune_hf_model",
 ]
 
@@ -602,6 +604,7 @@ def hf_pruner_kwargs(
     prune_mlp: bool = True,
     modalities: tuple[str, ...] | None = None,
     ignored_layers: list[nn.Module] | tuple[nn.Module, ...] = (),
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """The Torch-Pruning arguments that prune a transformers model's MLP neurons and attention heads.
 
@@ -617,11 +620,29 @@ def hf_pruner_kwargs(
         prune_mlp: prune MLP hidden neurons.
         modalities: only prune blocks of these modalities (e.g. ``("language",)``); None for all.
         ignored_layers: more modules to leave alone.
+        forward_fn: how Torch-Pruning runs the model on the example inputs while tracing
+            (``forward_fn(model, example_inputs)``, as tp's own argument of that name); None for
+            tp's default (``model(**example)`` for a dict). Give it here, not to ``BasePruner``:
+            the returned ``forward_fn`` wraps it.
 
     Returns:
         ``ignored_layers``, ``num_heads``, ``prune_num_heads``, ``prune_head_dims``,
-        ``root_module_types``, ``output_transform`` and ``unwrapped_parameters`` (see
-        :func:`unwrapped_parameters`) for ``tp.pruner.BasePruner``.
+        ``root_module_types``, ``output_transform``, ``unwrapped_parameters`` (see
+        :func:`unwrapped_parameters`) and ``forward_fn`` for ``tp.pruner.BasePruner``.
+
+    The returned ``forward_fn`` traces the model with negative ``dim`` arguments of
+    cat / split / chunk / narrow / unbind made positive (:func:`positive_dims`). Torch-Pruning 1.6
+    reads the dimension autograd saved to tell a channel concat / split / slice (dimension 1)
+    from one along another dimension; PyTorch 2.13 reports a negative saved dimension as
+    ``2**64 + dim``, which tp takes for the channel dimension. The rotary embedding's
+    ``rotate_half`` (``cat((-x2, x1), dim=-1)`` over the head dimension, in Llama, Mistral, Qwen2,
+    ... attention) then becomes a channel concat inside a cycle whose index mapping grows at every
+    turn, and the first call on a model whose q/k/v heads are pruned never returns (tp's
+    ``_fix_dependency_graph_non_recursive``). With positive dimensions tp leaves those ops alone,
+    as its checks intend; a negative dimension that resolves to 1 is mapped as before. The groups
+    of models without such ops (the testbed's CLIP, ViT, DINOv2, BLIP, ViLT, LLaVA) are unchanged.
+    If you build a ``BasePruner`` / ``DependencyGraph`` without these arguments on such a model,
+    pass ``forward_fn=`` the returned one (or trace under ``with positive_dims():``).
     """
     from vlprune.adapters.hf.families import describe
 
@@ -653,7 +674,93 @@ def hf_pruner_kwargs(
         "root_module_types": [nn.Linear],
         "output_transform": _output_transform,
         "unwrapped_parameters": unwrapped_parameters(model),
+        "forward_fn": _PositiveDimsForward(forward_fn),
     }
+
+
+# PyTorch functions whose ``dim`` ends up in the ``_saved_dim`` Torch-Pruning reads, with the
+# position of ``dim`` among their positional arguments (``self`` / ``input`` / ``tensors`` first).
+_DIM_ARG: dict[Any, int] = {
+    torch.cat: 1,
+    torch.concat: 1,
+    torch.concatenate: 1,
+    torch.split: 2,
+    torch.Tensor.split: 2,
+    torch.Tensor.split_with_sizes: 2,
+    torch.chunk: 2,
+    torch.Tensor.chunk: 2,
+    torch.tensor_split: 2,
+    torch.Tensor.tensor_split: 2,
+    torch.narrow: 1,
+    torch.Tensor.narrow: 1,
+    torch.unbind: 1,
+    torch.Tensor.unbind: 1,
+}
+
+
+def _rank(first: Any) -> int | None:
+    """Rank of the tensor(s) an op's ``dim`` counts in (cat: the largest; legacy empty 1-D allowed)."""
+    if isinstance(first, torch.Tensor):
+        return first.dim()
+    if isinstance(first, (list, tuple)):
+        ranks = [t.dim() for t in first if isinstance(t, torch.Tensor)]
+        return max(ranks) if ranks else None
+    return None
+
+
+def positive_dims() -> contextlib.AbstractContextManager[Any]:
+    """A context within which negative ``dim`` arguments of ``torch.cat`` / ``concat`` / ``split`` /
+    ``chunk`` / ``tensor_split`` / ``narrow`` / ``unbind`` (functions and ``Tensor`` methods) are
+    replaced by the equal positive ones. Results are unchanged; only the dimension autograd saves
+    becomes one Torch-Pruning 1.6 reads correctly (see :func:`hf_pruner_kwargs`).
+
+    Example:
+        >>> with positive_dims():                                                  # doctest: +SKIP
+        ...     DG = tp.DependencyGraph().build_dependency(model, example_inputs)
+    """
+    return _PositiveDims()
+
+
+def _negative(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool) and dim < 0
+
+
+class _PositiveDims(TorchFunctionMode):
+    """The torch function mode behind :func:`positive_dims`."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        pos = _DIM_ARG.get(func)
+        if pos is not None and args:
+            rank = _rank(args[0])
+            if rank and _negative(kwargs.get("dim")):
+                kwargs["dim"] += rank
+            elif rank and len(args) > pos and _negative(args[pos]):
+                args = (*args[:pos], args[pos] + rank, *args[pos + 1 :])
+        return func(*args, **kwargs)
+
+
+class _PositiveDimsForward:
+    """Torch-Pruning's ``forward_fn``: the given one (or tp's default call) under :func:`positive_dims`."""
+
+    def __init__(self, forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> None:
+        if forward_fn is not None and not callable(forward_fn):
+            raise VLPruneError(
+                f"forward_fn must be callable as forward_fn(model, example_inputs), got {type(forward_fn).__name__}"
+            )
+        self.forward_fn = forward_fn
+
+    def __call__(self, model: nn.Module, example_inputs: Any) -> Any:
+        with positive_dims():
+            if self.forward_fn is not None:
+                return self.forward_fn(model, example_inputs)
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (list, tuple)):
+                return model(*example_inputs)
+            return model(example_inputs)
 
 
 def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
