@@ -42,6 +42,7 @@ __all__ = [
     "first_tensor",
     "represent",
     "call_model",
+    "batch_mask",
     "iterate_batches",
     "ActivationCapture",
     "capture",
@@ -366,7 +367,8 @@ def call_model(model: nn.Module, batch: Any) -> Any:
         ) from exc
 
 
-def _batch_mask(batch: Any) -> torch.Tensor | None:
+def batch_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's 2-D ``attention_mask`` (1 = real token), or None."""
     if isinstance(batch, Mapping):
         mask = batch.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -471,7 +473,7 @@ class ActivationCapture:
         items = iterate_batches(batches)
         with preserved_mode(self.model, training=False), torch.set_grad_enabled(grad):
             for batch in tqdm(items, desc=desc, disable=not progress, leave=False):
-                self._mask = _batch_mask(batch)
+                self._mask = batch_mask(batch)
                 try:
                     call_model(self.model, batch)
                 finally:

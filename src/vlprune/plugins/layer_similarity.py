@@ -59,7 +59,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
-from vlprune.plugins.capture import call_model, first_tensor, iterate_batches, preserved_mode
+from vlprune.plugins.capture import batch_mask, call_model, first_tensor, iterate_batches, preserved_mode
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.layer_selection import (  # re-exported: selection lives in its own module
     DEFAULT_REGIME_SWITCH,
@@ -189,14 +189,6 @@ def _default_decoder_layers(model: nn.Module) -> list[str]:
 
 
 # -- the capture ---------------------------------------------------------------------------------
-
-
-def _batch_mask(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            return mask
-    return None
 
 
 class _LayerPairs:
@@ -338,7 +330,7 @@ class _LayerPairs:
     def run(self, batches: list[Any], progress: bool, desc: str) -> None:
         with preserved_mode(self.model, training=False), torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                self._mask = _batch_mask(batch)
+                self._mask = batch_mask(batch)
                 self._inputs.clear()
                 self._last.clear()
                 try:
