@@ -54,6 +54,11 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 #: pruning). A criterion declares the ones that support it in ``CriterionSpec.adapters``.
 ADAPTERS: tuple[str, ...] = ("torch_pruning", "nni", "hf_layers", "hf_tokens")
 
+#: optional dependencies behind an adapter, and how to install them
+EXTRA_HINTS: dict[str, str] = {
+    "nni": '; the NNI adapter needs the nni extra: pip install "vlprune[nni]" (or pip install -e ".[nni]")',
+}
+
 _lock = threading.Lock()
 _pm: pluggy.PluginManager | None = None
 
@@ -168,6 +173,9 @@ def resolve_object(target: str | Callable[..., Any]) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split(".") if attr else ():
             obj = getattr(obj, part)
+    except ModuleNotFoundError as exc:
+        hint = EXTRA_HINTS.get((exc.name or "").split(".")[0], "")
+        raise RegistryError(f"cannot import {target!r}: {exc}{hint}") from exc
     except (ImportError, AttributeError) as exc:
         raise RegistryError(f"cannot import {target!r}: {exc}") from exc
     return obj
