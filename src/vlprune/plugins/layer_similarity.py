@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -69,6 +68,7 @@ from vlprune.plugins.layer_selection import (  # re-exported: selection lives in
     select_layers,
     select_run,
 )
+from vlprune.plugins.structure import DECODER_STACKS, find_decoder_layers
 
 __all__ = [
     "DEFAULT_REGIME_SWITCH",
@@ -91,12 +91,6 @@ Tokens = Literal["all", "last"]
 Weighting = Literal["token", "sample"]
 LayerSelector = Sequence[int | str] | None
 
-#: where a plain decoder-only LM keeps its layers, tried when the model family is unknown
-_FALLBACK_STACKS: tuple[str, ...] = (
-    "model.language_model.layers", "language_model.model.layers", "model.layers", "layers",
-    "model.decoder.layers", "transformer.h", "gpt_neox.layers",
-)
-
 
 # -- which layers --------------------------------------------------------------------------------
 
@@ -106,11 +100,12 @@ def decoder_layers(model: nn.Module, layers: LayerSelector = None) -> list[str]:
 
     Args:
         model: a transformers model (LLaVA family, BLIP, decoder-only LMs) or any module.
-        layers: None for every decoder layer: those :func:`vlprune.describe_model` finds
-            (``FamilyInfo.decoder_layers``), else, for a model of no known family, the elements of
-            the first ``nn.ModuleList`` found at ``model.language_model.layers``, ``model.layers``,
-            ``layers``, ``model.decoder.layers``, ``transformer.h`` or ``gpt_neox.layers``. Or a
-            sequence of decoder-layer indices (into that default list) and/or module paths.
+        layers: None for every decoder layer, as :func:`vlprune.plugins.structure.find_decoder_layers`
+            finds them (a plugin-registered ``FamilyRule(decoder=...)``, else the elements of the
+            first ``nn.ModuleList`` at ``*language_model.layers``, ``text_decoder.bert.encoder.layer``,
+            ``model.layers``, ``layers``, ``model.decoder.layers``, ``transformer.h`` or
+            ``gpt_neox.layers``). Or a sequence of decoder-layer indices (into that default list)
+            and/or module paths.
 
     Returns:
         The module paths, in the order given (default: forward order).
@@ -124,12 +119,12 @@ def decoder_layers(model: nn.Module, layers: LayerSelector = None) -> list[str]:
         >>> decoder_layers(tiny_model("llava"))
         ['model.language_model.layers.0', 'model.language_model.layers.1']
     """
-    default = _default_decoder_layers(model)
+    default = find_decoder_layers(model)
     if layers is None:
         if not default:
             raise ModelStructureError(
                 f"found no decoder layers in {type(model).__name__} (no known family with a decoder and no "
-                f"nn.ModuleList at {', '.join(_FALLBACK_STACKS)}); pass layers=[module paths of the "
+                f"nn.ModuleList at {', '.join(DECODER_STACKS)}); pass layers=[module paths of the "
                 "decoder layers], e.g. layers=['model.layers.0', 'model.layers.1']"
             )
         return default
@@ -166,26 +161,6 @@ def decoder_layers(model: nn.Module, layers: LayerSelector = None) -> list[str]:
     if not out:
         raise ModelStructureError("layers= is empty; give at least one decoder layer (or None for all)")
     return out
-
-
-def _default_decoder_layers(model: nn.Module) -> list[str]:
-    from vlprune.adapters.hf.families import describe  # lazy: plugins do not import adapters at import time
-
-    found: tuple[str, ...] = ()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # unknown family: the fallback below handles it
-            found = describe(model).decoder_layers
-    except ModelStructureError:
-        found = ()
-    if found:
-        return list(found)
-    modules = dict(model.named_modules())
-    for path in _FALLBACK_STACKS:
-        stack = modules.get(path)
-        if isinstance(stack, nn.ModuleList) and len(stack) > 0:
-            return [f"{path}.{i}" for i in range(len(stack))]
-    return []
 
 
 # -- the capture ---------------------------------------------------------------------------------

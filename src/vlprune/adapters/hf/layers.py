@@ -1,8 +1,8 @@
 """Remove decoder layers from a transformers model: :func:`remove_layers` (depth pruning).
 
 Neither Torch-Pruning nor NNI removes whole layers; this module does it for the language-model
-decoder of the families :func:`vlprune.adapters.hf.families.describe` knows the decoder of
-(``FamilyInfo.decoder_layers``):
+decoder layers :func:`vlprune.plugins.structure.find_decoder_layers` finds (the layers the layer
+criteria score; for the built-in families the same as ``FamilyInfo.decoder_layers``):
 
 - decoder-only language models (family ``decoder_lm``: Llama, Mistral, Qwen2, Qwen3, Gemma2, ...:
   ``model.layers``);
@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from vlprune.errors import ModelStructureError, VLPruneError
+from vlprune.plugins.structure import find_decoder_layers, registered_decoder_pattern
 
 __all__ = ["INDEX_ATTRS", "INDEX_LIST_FIELDS", "THRESHOLD_FIELDS", "LayerRemoval", "decoder_list", "remove_layers"]
 
@@ -120,35 +121,46 @@ class LayerRemoval:
 def decoder_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-layer ``nn.ModuleList`` of ``model`` and its path.
 
+    The layers are those :func:`vlprune.plugins.structure.find_decoder_layers` finds (the same
+    finder the layer criteria use, so ``remove_layers`` indices are ``decoder_layers`` indices): a
+    plugin-registered ``FamilyRule(decoder=...)``, else the LLaVA family's language model, BLIP's
+    text decoder or a decoder-only LM's ``model.layers`` (:data:`~vlprune.plugins.structure.DECODER_STACKS`).
+
     Args:
-        model: a transformers model of a family whose decoder layers
-            :func:`~vlprune.adapters.hf.families.describe` knows (``FamilyInfo.decoder_layers``).
+        model: a transformers model with a language-model decoder (not an encoder-decoder model,
+            unless a registered family rule names its decoder).
 
     Returns:
         ``(path, module list)``, e.g. ``("model.language_model.layers", ModuleList(...))``.
 
     Raises:
-        ModelStructureError: ``model`` has no decoder layers vlprune knows, or they are not the
-            whole of one ``nn.ModuleList``.
+        ModelStructureError: ``model`` has no decoder layers vlprune knows, is an encoder-decoder
+            model no rule describes, or its decoder layers are not the whole of one ``nn.ModuleList``.
 
     Example:
         >>> from vlprune.testbed.tiny import tiny_model
         >>> decoder_list(tiny_model("llava"))[0]
         'model.language_model.layers'
     """
-    from vlprune.adapters.hf.families import describe
-
     if not isinstance(model, nn.Module):
         raise VLPruneError(f"remove_layers takes a transformers model (an nn.Module), got a {type(model).__name__}")
-    info = describe(model)
-    if not info.decoder_layers:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    hint = (
+        f"remove_layers supports {SUPPORTED}. For another model, describe its decoder with a "
+        "FamilyRule(decoder='path.to.layers.*') registered through the vlprune_register_families hook"
+    )
+    if getattr(config, "is_encoder_decoder", False) is True and registered_decoder_pattern(model) is None:
         raise ModelStructureError(
-            f"{type(model).__name__} (family {info.family!r}, model_type "
-            f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}) has no decoder layers vlprune "
-            f"knows; remove_layers supports {SUPPORTED}. For another model, describe its decoder with a "
-            "FamilyRule(decoder='path.to.layers.*') registered through the vlprune_register_families hook"
+            f"{type(model).__name__} (model_type {model_type!r}) is an encoder-decoder model, whose depth "
+            f"fields remove_layers does not know; {hint}"
         )
-    parents = sorted({p.rpartition(".")[0] for p in info.decoder_layers})
+    layers = find_decoder_layers(model)
+    if not layers:
+        raise ModelStructureError(
+            f"{type(model).__name__} (model_type {model_type!r}) has no decoder layers vlprune knows; {hint}"
+        )
+    parents = sorted({p.rpartition(".")[0] for p in layers})
     if len(parents) != 1:
         raise ModelStructureError(
             f"{type(model).__name__}: the decoder layers lie in {len(parents)} lists ({parents}); remove_layers "
@@ -157,9 +169,9 @@ def decoder_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     path = parents[0]
     container = model.get_submodule(path)
     expected = [f"{path}.{i}" for i in range(len(container))] if isinstance(container, nn.ModuleList) else []
-    if not isinstance(container, nn.ModuleList) or list(info.decoder_layers) != expected:
+    if not isinstance(container, nn.ModuleList) or layers != expected:
         raise ModelStructureError(
-            f"{type(model).__name__}: the decoder layers {list(info.decoder_layers)[:3]}... are not exactly the "
+            f"{type(model).__name__}: the decoder layers {layers[:3]}... are not exactly the "
             f"elements of the nn.ModuleList {path!r}; remove_layers cannot renumber them"
         )
     return path, container
