@@ -12,7 +12,7 @@ from torch import nn
 import vlprune
 from tests.conftest import batches_for
 from vlprune import ModelStructureError, VLPruneError
-from vlprune.adapters.hf import surgery
+from vlprune.adapters.hf import prune as hf_prune
 from vlprune.adapters.hf.families import describe
 from vlprune.adapters.torch_pruning import IDWeightedImportance, hf_pruner_kwargs, prune_hf_model
 from vlprune.testbed.tiny import example_inputs, tiny_model
@@ -124,7 +124,7 @@ def test_failed_prune_leaves_model_and_config_unchanged(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise ModelStructureError("injected failure after the prune")
 
-    monkeypatch.setattr(surgery, "sync_hf_model", boom)
+    monkeypatch.setattr(hf_prune, "sync_hf_model", boom)
     with pytest.raises(ModelStructureError, match="injected"):
         prune_hf_model(model, example_inputs("clip"), tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5)
     after = model.state_dict()
