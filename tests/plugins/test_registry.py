@@ -119,3 +119,11 @@ def test_bad_plugin_is_rejected_when_registered() -> None:
 def test_lazy_reference_that_does_not_import_is_a_registry_error() -> None:
     with pytest.raises(RegistryError, match="cannot import"):
         registry.resolve_object("vlprune.no_such_module:Thing")
+
+
+def test_missing_nni_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    (tmp_path / "needs_nni_adapter.py").write_text("import nni\nclass Pruner: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(__import__("sys").modules, "nni", None)  # what `import nni` meets without the extra
+    with pytest.raises(RegistryError, match=r'pip install "vlprune\[nni\]"'):
+        registry.resolve_object("needs_nni_adapter:Pruner")
