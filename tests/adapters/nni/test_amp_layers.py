@@ -185,8 +185,10 @@ def test_gated_mlps_mask_gate_and_up_alike_and_equal_neuron_masks() -> None:
     g = torch.Generator().manual_seed(3)
     mlps = [f"model.layers.{i}.mlp" for i in range(3)]
     scores = {n: torch.rand(48, generator=g) for n in mlps}
-    scores[mlps[0]][:12] = 0.5  # ties: broken as neuron_order breaks them
-    widths = {mlps[0]: 5, mlps[1]: 47, mlps[2]: 48}
+    scores[mlps[0]][:12] = 2.0  # the top 12 tie and the width cuts through them: broken as neuron_order breaks them
+    # 48 - 17 = 31 to mask: the naive ratio 1 - 17/48 gives int(48 * r) = 30 under NNI's rounding
+    assert int(48 * (1 - 17 / 48)) == 30
+    widths = {mlps[0]: 5, mlps[1]: 17, mlps[2]: 48}
     config = amp_config_list(model, widths)
     assert [c["op_names"] for c in config] == [[f"{n}.gate_proj", f"{n}.up_proj"] for n in mlps[:2]]
     reference = copy.deepcopy(model)
