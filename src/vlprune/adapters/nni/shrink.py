@@ -24,6 +24,9 @@ computes what the masked model computes):
   that are not whole heads, or heads masked in some of q/k/v but not all, cannot be removed
   exactly: :class:`~vlprune.errors.ModelStructureError` names the attention. Fused ``qkv``
   linears (BLIP's vision tower) are refused too.
+- **All or nothing per block**: an MLP whose every neuron, or an attention whose every head, is
+  masked cannot be emptied (NNI's ``global_group_id`` can do that); it keeps its width with zero
+  weights, and a warning says so.
 - **Decoder layers**: a decoder layer (``vlprune.describe_model(model).decoder_layers``) whose
   attention output projection (o_proj) and MLP output projection (down_proj) are masked whole,
   weights and biases, adds nothing to the residual stream of a pre-norm decoder; it is removed
@@ -295,11 +298,11 @@ def _plan(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], info: Any)
         if not dead:
             continue
         if len(dead) >= mlp.hidden:
-            raise ModelStructureError(
-                f"the masks switch off all {mlp.hidden} neurons of the MLP {mlp.name} ({mlp.up}); an MLP cannot be "
-                "removed on its own: keep at least one neuron (lower its sparse_ratio / max_sparse_ratio), or mask "
-                "the whole decoder layer's output projections to remove the layer"
-            )
+            logger.warning(
+                "shrink: the masks switch off all %d neurons of the MLP %s; an MLP cannot be emptied, so it keeps "
+                "its width with zero weights (mask the decoder layer's output projections to remove the layer, or "
+                "cap the ratio per layer: NNI's global_group_id can empty a layer)", mlp.hidden, mlp.name)
+            continue
         idxs = sorted(dead)
         plan.mlps.append((mlp, idxs))
         for path in (mlp.up, mlp.gate):
@@ -332,10 +335,11 @@ def _plan(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], info: Any)
                 f"granularity=[{d}, -1] and the same dependency_group_id for the three)"
             )
         if len(q_heads) >= H:
-            raise ModelStructureError(
-                f"attention {att.name}: the masks switch off all {H} heads; an attention cannot be left empty: keep "
-                "at least one head, or mask the whole decoder layer's output projections to remove the layer"
-            )
+            logger.warning(
+                "shrink: the masks switch off all %d heads of the attention %s; an attention cannot be emptied, so "
+                "it keeps its heads with zero weights (mask the decoder layer's output projections to remove the "
+                "layer)", H, att.name)
+            continue
         q_rows = sorted(rows[att.q])
         kv_rows = sorted(rows[att.k])
         plan.attentions.append((att, q_heads, k_heads))
@@ -523,7 +527,7 @@ def _prune_direct(members: Iterable[nn.Module], out_rows: Mapping[nn.Module, lis
 
 
 def _dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
-    from vlprune.adapters.torch_pruning import hf_pruner_kwargs
+    from vlprune.adapters.hf.prune import hf_pruner_kwargs
 
     kwargs = hf_pruner_kwargs(model)
     return tp.DependencyGraph().build_dependency(
@@ -580,8 +584,7 @@ def shrink(
             that are no dict of tensors, or a failure while shrinking (the model is restored).
         ModelStructureError: masks naming a module or parameter the model does not have, or with
             another shape; masks no exact removal honours (parts of heads, different heads in q/k/v,
-            every head / neuron of a block, fused qkv); a shrunk model whose outputs differ from
-            the masked model's.
+            fused qkv); a shrunk model whose outputs differ from the masked model's.
         DataError: mask values other than 0 and 1.
 
     Example:
