@@ -276,3 +276,98 @@ def test_a_pruner_set_up_for_heads_with_no_head_ratio_is_reported(caplog) -> Non
     with caplog.at_level("WARNING", logger="vlprune.adapters.hf.sync"):
         vlprune.sync_hf_model(model, pruner=pruner)
     assert "head_pruning_ratio" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2 MHA: its config has no head_dim (derived as hidden_size // num_attention_heads)
+# --------------------------------------------------------------------------------------------
+
+
+def _qwen2_mha() -> nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def _kept_heads(new: torch.Tensor, old: torch.Tensor, head_dim: int) -> list[int]:
+    blocks = [old[h * head_dim:(h + 1) * head_dim] for h in range(old.shape[0] // head_dim)]
+    return [next(h for h, b in enumerate(blocks) if torch.equal(b, new[i:i + head_dim]))
+            for i in range(0, new.shape[0], head_dim)]
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["same-heads-per-layer", "global"])
+def test_qwen2_mha_head_pruning_keeps_config_heads_and_head_dim_consistent(uniform: bool, tmp_path) -> None:
+    model = _qwen2_mha()
+    reference = copy.deepcopy(model)
+    assert "head_dim" not in vars(model.config)  # the case: head_dim derived from the head count
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    prune_hf_model(model, {"input_ids": ids[:1, :8]}, tp.importance.GroupMagnitudeImportance(), 0.5,
+                   head_pruning_ratio=0.5, prune_mlp=False, global_pruning=not uniform)
+    heads = [layer.self_attn.q_proj.out_features // 8 for layer in model.model.layers]
+    assert sum(heads) < 8 and (len(set(heads)) == 1) == uniform
+    # independent reference: the unpruned model with the removed heads' o_proj columns zeroed
+    for new, old in zip(model.model.layers, reference.model.layers):
+        kept = _kept_heads(new.self_attn.q_proj.weight, old.self_attn.q_proj.weight, 8)
+        assert kept == _kept_heads(new.self_attn.k_proj.weight, old.self_attn.k_proj.weight, 8)
+        with torch.no_grad():
+            for h in set(range(4)) - set(kept):
+                old.self_attn.o_proj.weight[:, h * 8:(h + 1) * 8] = 0
+    cfg = model.config
+    if uniform:  # the config states every shape: heads, kv heads and the unchanged head_dim
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size) == (heads[0], heads[0], 8, 32)
+        built = type(model)(copy.deepcopy(cfg))
+        assert {n: p.shape for n, p in built.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    else:  # per-layer head counts: the config keeps its values (and derivation), the record holds the widths
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, vars(cfg).get("head_dim")) == (4, 4, None)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits)
+        cached = model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(ids[:, :6], attention_mask=mask[:, :6], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    vlprune.save_pruned(model, tmp_path)
+    loaded = vlprune.load_pruned(tmp_path).eval()
+    assert {**loaded.config.to_dict(), "_name_or_path": ""} == {**cfg.to_dict(), "_name_or_path": ""}
+    state, got = model.state_dict(), loaded.state_dict()
+    assert state.keys() == got.keys() and all(torch.equal(state[k], got[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(loaded.generate(ids[:, :6], max_new_tokens=6, do_sample=False),
+                           model.generate(ids[:, :6], max_new_tokens=6, do_sample=False))
+    if uniform:  # plain transformers reads it too
+        plain = type(model).from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", ["clip", "vilt"])
+def test_a_config_whose_model_ignores_head_dim_keeps_its_head_counts(family: str) -> None:
+    """CLIP and ViLT derive the head size from hidden_size / num_heads and read no head_dim: writing
+    the smaller head count would make a config-built model's heads wider than the real ones, so the
+    counts stay and no head_dim is added (ViT / DINOv2 / Qwen2 read a stated head_dim: both written)."""
+    model = tiny_model(family)
+    configs = [model.config] + [getattr(model.config, s) for s in getattr(model.config, "sub_configs", {}) or {}]
+    before = [(c.to_dict().get("num_attention_heads"), "head_dim" in vars(c)) for c in configs]
+    prune_hf_model(model, example_inputs(family), tp.importance.GroupMagnitudeImportance(), 0.5,
+                   head_pruning_ratio=0.5, prune_mlp=False, global_pruning=False)
+    widths = {m.q_proj.out_features for n, m in model.named_modules() if hasattr(m, "q_proj") and "attn" in n}
+    widths |= {m.query.out_features for m in model.modules() if hasattr(m, "query") and isinstance(m.query, nn.Linear)}
+    assert widths and max(widths) < 32  # every attention lost heads (hidden size 32)
+    assert [(c.to_dict().get("num_attention_heads"), "head_dim" in vars(c)) for c in configs] == before
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_configs_that_read_head_dim_get_heads_and_head_dim(family: str) -> None:
+    model = tiny_model(family)
+    x = example_inputs(family)
+    prune_hf_model(model, x, tp.importance.GroupMagnitudeImportance(), 0.5, head_pruning_ratio=0.5,
+                   prune_mlp=False, global_pruning=False)
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.head_dim) == (2, 8)
+    built = type(model)(copy.deepcopy(cfg))
+    assert {n: p.shape for n, p in built.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}

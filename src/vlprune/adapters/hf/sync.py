@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -321,8 +322,11 @@ def sync_hf_model(
     Configs: a config cannot hold per-layer widths, so only sizes that stay uniform are written:
     ``intermediate_size`` (or DINOv2's ``mlp_ratio``) when every MLP under that config has the same
     width; ``num_attention_heads`` / ``num_key_value_heads`` when every attention under it has the
-    same head counts *and* the config states ``head_dim`` itself (else a config-built model would
-    derive a wrong head_dim from them); ``hidden_size`` (and ``embed_dim`` / ``hidden_size``
+    same head counts *and* the config states ``head_dim`` itself, or derives it
+    (``hidden_size // num_attention_heads``: Qwen2) and a model built from it reads a stated
+    ``head_dim`` (checked by building one on the meta device): then ``head_dim`` is written as well,
+    so the derivation does not go stale (else the counts are left: BERT-style models derive the
+    head size and would build wrong widths); ``hidden_size`` (and ``embed_dim`` / ``hidden_size``
     attributes of its modules) when every LayerNorm under that config has the same new width.
     A value is written only if it keeps the field's declared type and passes the config's own
     checks (DINOv2's ``mlp_ratio`` is an ``int``: a width of 1.375 x hidden_size stays out, logged
@@ -538,9 +542,11 @@ def _auto_mode(model: nn.Module, changed: list[_AttnState]) -> str:
 def _plan_config_heads(
     modules: dict[str, nn.Module], states: list[_AttnState], plans: list[_AttnPlan]
 ) -> list[tuple[Any, dict[str, int | float]]]:
-    """Head counts for configs whose attentions all agree, where the config states head_dim itself."""
+    """Head counts for configs whose attentions all agree: where the config states head_dim itself,
+    or derives it (``hidden_size // num_attention_heads``, Qwen2) and a model built from it honours
+    a stated ``head_dim`` (then ``head_dim`` is written too, so the derivation cannot go stale)."""
     planned = {p.state.layout.name: p.layout for p in plans}
-    by_cfg: dict[int, tuple[Any, set[tuple[int, int, int]]]] = {}
+    by_cfg: dict[int, tuple[Any, set[tuple[int, int, int]], list[_AttnState]]] = {}
     for state in states:
         cfg = _owner_config(modules, state.layout.name)
         if cfg is None:
@@ -549,21 +555,76 @@ def _plan_config_heads(
         if layout is None:
             hd = state.head_dim0 or 0
             layout = (state.q_out // hd, state.k_out // hd, hd) if hd else (0, 0, 0)
-        by_cfg.setdefault(id(cfg), (cfg, set()))[1].add(layout)
+        entry = by_cfg.setdefault(id(cfg), (cfg, set(), []))
+        entry[1].add(layout)
+        entry[2].append(state)
     out: list[tuple[Any, dict[str, int | float]]] = []
-    for cfg, layouts in by_cfg.values():
-        if len(layouts) != 1 or not isinstance(vars(cfg).get("head_dim"), int):
+    for cfg, layouts, under in by_cfg.values():
+        if len(layouts) != 1:
             continue
         heads, kv, hd = next(iter(layouts))
-        if hd != cfg.head_dim or not heads:
+        stated = vars(cfg).get("head_dim")
+        if not heads or not isinstance(getattr(cfg, "num_attention_heads", None), int):
             continue
         new: dict[str, int | float] = {"num_attention_heads": heads}
         if isinstance(getattr(cfg, "num_key_value_heads", None), int):
             new["num_key_value_heads"] = kv
-        new = {a: v for a, v in new.items() if getattr(cfg, a) != v}
+        if isinstance(stated, int):
+            if hd != stated:
+                continue
+        elif stated is None and _derived_head_dim(cfg) == hd:
+            if all(getattr(cfg, a) == v for a, v in new.items()):
+                continue
+            new["head_dim"] = hd
+            if not _config_builds(modules, cfg, new, under):
+                logger.info(
+                    "sync_hf_model: %s derives head_dim from hidden_size / num_attention_heads and a model built "
+                    "from it ignores a stated head_dim; head counts left as they are (save_pruned records the widths)",
+                    type(cfg).__name__,
+                )
+                continue
+        else:
+            continue
+        new = {a: v for a, v in new.items() if getattr(cfg, a, None) != v}
         if new:
             out.append((cfg, new))
     return out
+
+
+def _derived_head_dim(cfg: Any) -> int | None:
+    """``hidden_size // num_attention_heads``, the head size a config without ``head_dim`` implies."""
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def _config_builds(modules: dict[str, nn.Module], cfg: Any, values: dict[str, int | float], under: list[_AttnState]) -> bool:
+    """Whether a model built from ``cfg`` with ``values`` (on the meta device: no memory, no init cost)
+    has the current q/k/v widths in every attention of ``under``."""
+    owner_path = next((p for p, m in modules.items() if getattr(m, "config", None) is cfg), None)
+    if owner_path is None:
+        return False
+    trial = copy.deepcopy(cfg)
+    for attr, value in values.items():
+        setattr(trial, attr, value)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = dict(type(modules[owner_path])(trial).named_modules())
+    except Exception as exc:  # a class that cannot be built from its config alone: do not guess
+        logger.debug("sync_hf_model: building %s from its new config failed: %s", type(modules[owner_path]).__name__, exc)
+        return False
+    prefix = f"{owner_path}." if owner_path else ""
+    for state in under:
+        for path in (state.layout.q, state.layout.k, state.layout.v):
+            rel = path[len(prefix):] if path.startswith(prefix) else None
+            mine, theirs = modules[path], built.get(rel) if rel is not None else None
+            if not isinstance(theirs, nn.Linear) or (theirs.in_features, theirs.out_features) != (
+                mine.in_features, mine.out_features
+            ):
+                return False
+    return True
 
 
 def _plan_mlps(
