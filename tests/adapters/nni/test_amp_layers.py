@@ -374,3 +374,47 @@ def test_shrink_removes_the_masked_layers_if_available(llava_deep: dict[str, Any
     with torch.no_grad():
         torch.testing.assert_close(model(**llava_deep["probe"], use_cache=False).logits, masked, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(masked.abs().sum()))
+
+
+def test_from_compressor_fuses_both_pruners_under_an_nni_evaluator() -> None:
+    import nni
+    from nni.compression import TorchEvaluator
+    from nni.compression.pruning import L1NormPruner
+
+    model = _tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    data = {d: [{"input_ids": torch.randint(0, 64, (3, 7), generator=g)}] for d in ("math", "general")}
+    train = [{"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids} for _ in range(2)]
+    steps: list[int] = []
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        for step in range(max_steps):
+            optimizers.zero_grad()
+            training_step(train[step % len(train)], model).backward()
+            optimizers.step()
+            steps.append(step)
+
+    evaluator = TorchEvaluator(training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=1e-3),
+                               lambda batch, model: model(**batch).loss)
+    mlp = "model.layers.0.mlp"
+    scores = {mlp: torch.rand(48, generator=g)}
+    first = AMPPruner(model, data["math"], None, config_list=amp_config_list(model, {mlp: 12}), scores=scores,
+                      evaluator=evaluator, progress=False)
+    second = LayerSimilarityPruner.from_compressor(first, data, 1, progress=False)
+    assert second.fused_compressors == [second, first]
+    _, masks = second.compress(max_steps=2, max_epochs=None)
+    second.unwrap_model()
+    assert steps == [0, 1]
+    kept = torch.sort(amp.neuron_order(scores[mlp])[:12]).values
+    assert torch.equal(_kept_rows(masks[f"{mlp}.up_proj"]["weight"]), kept)
+    for op in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        assert not bool(masks[op]["weight"].any())
+
+    # a failing chained constructor leaves the first compressor's wrappers in place
+    clip = tiny_model("clip")
+    q = "vision_model.encoder.layers.0.self_attn.q_proj"
+    l1 = L1NormPruner(clip, [{"op_names": [q], "sparse_ratio": 0.5}])
+    with pytest.raises(VLPruneError, match="delta_e"):
+        AMPPruner.from_compressor(l1, None, _image_batches(1), -1.0)
+    assert hasattr(clip.get_submodule(q), "_nni_wrapper")
+    l1.unwrap_model()

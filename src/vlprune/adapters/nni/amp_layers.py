@@ -133,16 +133,42 @@ def _active_targets(pruner: L1NormPruner) -> dict[str, list[str]]:
     return out
 
 
-def _init_nni(pruner: L1NormPruner, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Any) -> None:
+def _init_nni(pruner: L1NormPruner, model: nn.Module, config_list: list[dict[str, Any]], evaluator: Any,
+              existed_wrappers: Mapping[str, Any] | None) -> None:
     """NNI's own construction (wrappers, target spaces, scalers); if it fails part-way, the
     wrappers it placed are taken off again so the model is as it was."""
     try:
-        L1NormPruner.__init__(pruner, model, config_list, evaluator)
+        L1NormPruner.__init__(pruner, model, config_list, evaluator, dict(existed_wrappers) if existed_wrappers else None)
+        # one-shot criteria: inside an NNI fusion (from_compressor + an evaluator) the masks are
+        # generated at the first optimizer step (NNI's default, False, would never generate them)
+        pruner.first_step_gen = True
     except Exception:
         for wrapper in getattr(pruner, "_module_wrappers", {}).values():
             if getattr(wrapper.module, "_nni_wrapper", None) is wrapper:
                 wrapper.unwrap()
         raise
+
+
+def _from_compressor(cls: type, compressor: Any, *args: Any, evaluator: Any = None, **kwargs: Any) -> Any:
+    """NNI's ``Compressor.from_compressor`` for pruners whose first arguments are not a config
+    list: unwrap ``compressor``, build ``cls(model, *args, ...)`` on its wrappers and evaluator, and
+    chain its fused compressors."""
+    from nni.compression.base.compressor import Compressor
+
+    if not isinstance(compressor, Compressor):
+        raise VLPruneError(f"from_compressor takes an NNI compressor, got {type(compressor).__name__}")
+    if compressor._is_wrapped:
+        compressor.unwrap_model()
+    if compressor.evaluator is not None and evaluator is not None:
+        logger.warning("the compressor already has an evaluator; the evaluator passed to from_compressor is ignored")
+    try:
+        new = cls(compressor.bound_model, *args, evaluator=compressor.evaluator or evaluator,
+                  existed_wrappers=compressor._module_wrappers, **kwargs)
+    except Exception:
+        compressor.wrap_model()  # as it was: wrapped by ``compressor``
+        raise
+    new.fused_compressors.extend(compressor.fused_compressors)
+    return new
 
 
 def _check_progress(progress: Any) -> bool:
@@ -251,6 +277,8 @@ class AMPPruner(L1NormPruner):
         halvings, min_keep: of the search, as in :func:`vlprune.plugins.amp.search_widths`.
         rank: metric = rank in ``neuron_order`` (exact tie-breaking, default) or the raw score.
         evaluator: an NNI evaluator, passed to NNI (not needed for one-shot ``compress()``).
+        existed_wrappers: NNI wrappers to share (what ``from_compressor`` passes; the scores are
+            computed on the unwrapped model, without the other compressor's masks).
         progress: tqdm bars.
 
     Attributes:
@@ -293,6 +321,7 @@ class AMPPruner(L1NormPruner):
         min_keep: int = 1,
         rank: bool = True,
         evaluator: Any = None,
+        existed_wrappers: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
         # --- every argument checked before any forward pass or wrapping --------------------------
@@ -356,7 +385,17 @@ class AMPPruner(L1NormPruner):
                 if path:
                     self._metric_of[path] = (name, metric)
         self._check_targets(model, config_list)
-        _init_nni(self, model, config_list, evaluator)
+        _init_nni(self, model, config_list, evaluator, existed_wrappers)
+
+    @classmethod
+    def from_compressor(  # type: ignore[override]
+        cls, compressor: Any, new_config_list: list[dict[str, Any]] | None, batches: Iterable[Any],
+        delta_e: float | None = None, *, evaluator: Any = None, **kwargs: Any,
+    ) -> AMPPruner:
+        """An AMPPruner sharing ``compressor``'s wrappers and evaluator (NNI's way to chain
+        compressors): ``AMPPruner.from_compressor(other, config_list_or_None, batches, delta_e, ...)``;
+        further keyword arguments as the constructor's."""
+        return _from_compressor(cls, compressor, batches, delta_e, new_config_list, evaluator=evaluator, **kwargs)
 
     def _check_targets(self, model: nn.Module, config_list: list[dict[str, Any]]) -> None:
         """Every module the config list selects is a first linear of a scored MLP (no wrapping yet)."""
@@ -487,6 +526,7 @@ class LayerSimilarityPruner(L1NormPruner):
             forward passes (``domain_batches`` may then be None).
         tokens, layers: as :func:`~vlprune.plugins.layer_similarity.domain_similarity`.
         evaluator: an NNI evaluator, passed to NNI (not needed for one-shot ``compress()``).
+        existed_wrappers: NNI wrappers to share (what ``from_compressor`` passes).
         progress: tqdm bars.
 
     Attributes:
@@ -528,6 +568,7 @@ class LayerSimilarityPruner(L1NormPruner):
         tokens: ls.Tokens = "all",
         layers: ls.LayerSelector = None,
         evaluator: Any = None,
+        existed_wrappers: Mapping[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
         progress = _check_progress(progress)
@@ -566,7 +607,17 @@ class LayerSimilarityPruner(L1NormPruner):
             op: float(profile[i]) for i, entry in zip(chosen, config_list) for op in entry["op_names"]
         }
         logger.info("LayerSimilarityPruner: masking decoder layers %s (%s, %s)", chosen, strategy, domain)
-        _init_nni(self, model, config_list, evaluator)
+        _init_nni(self, model, config_list, evaluator, existed_wrappers)
+
+    @classmethod
+    def from_compressor(  # type: ignore[override]
+        cls, compressor: Any, domain_batches: Mapping[str, Iterable[Any]] | None, n_layers: int, *,
+        evaluator: Any = None, **kwargs: Any,
+    ) -> LayerSimilarityPruner:
+        """A LayerSimilarityPruner sharing ``compressor``'s wrappers and evaluator (NNI's way to
+        chain compressors); the config list is built as by the constructor, whose keyword arguments
+        are accepted."""
+        return _from_compressor(cls, compressor, domain_batches, n_layers, evaluator=evaluator, **kwargs)
 
     def _collect_data(self) -> _Data:
         """The removability of the layer each active target belongs to (computed at construction)."""
