@@ -440,3 +440,40 @@ def test_a_shrink_that_would_change_outputs_is_undone() -> None:
     assert_untouched(model, before)
     report = shrink(model, masks, example_inputs("vit"), verify=False, progress=False)  # the user's call
     assert not report.verified and report.params_after < report.params_before
+
+
+def test_gqa_query_heads_outside_their_key_value_group_are_refused() -> None:
+    model = tiny_llama(kv_heads=2, layers=2)
+    att = describe(model).attentions[1]
+    layer = model.model.layers[1].self_attn
+    masks = {att.q: head_mask(layer.q_proj, [1, 2], 8), att.k: head_mask(layer.k_proj, [1], 8),
+             att.v: head_mask(layer.v_proj, [1], 8)}
+    before = state(model)
+    with pytest.raises(ModelStructureError, match=r"grouped-query: 2 query heads per key/value head\): query heads \[1, 2\]"):
+        shrink(model, masks, LLAMA_INPUTS, progress=False)
+    assert_untouched(model, before)
+
+
+class _ExtraMLP(nn.Module):
+    """A ViT MLP whose hidden units also get another linear's output: fc2(act(fc1(x) + extra(x)))."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = mlp.fc1, mlp.fc2, mlp.activation_fn
+        self.extra = nn.Linear(mlp.fc1.in_features, mlp.fc1.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x) + self.extra(x)))
+
+
+def test_channels_tied_to_unmasked_ones_by_the_dependency_graph_are_refused() -> None:
+    """fc1's masked rows are not dead when another linear adds into the same hidden units:
+    Torch-Pruning's group ties them, and shrink refuses rather than change the model."""
+    model = tiny_model("vit")
+    model.vit.layers[0].mlp = _ExtraMLP(model.vit.layers[0].mlp)
+    masks = nni_masks(model, heads=False)
+    before = state(model)
+    with pytest.raises(ModelStructureError, match=r"also remove output channels .* of vit\.layers\.0\.mlp\.extra, "
+                                                  r"which the masks keep"):
+        shrink(model, masks, example_inputs("vit"), progress=False)
+    assert_untouched(model, before)

@@ -350,7 +350,7 @@ def _plan(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], info: Any)
     return plan
 
 
-def _zeros_left(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], plan: _Plan) -> int:
+def _zeros_left(keep: dict[str, dict[str, torch.Tensor]], plan: _Plan) -> int:
     removed_layers = tuple(p + "." for p in plan.layers)
     left = 0
     for name, targets in keep.items():
@@ -602,7 +602,7 @@ def shrink(
     before = _param_count(model)
     info = describe(model)
     plan = _plan(model, keep, info)
-    zeros_left = _zeros_left(model, keep, plan)
+    zeros_left = _zeros_left(keep, plan)
     report = ShrinkReport(params_before=before, params_after=before, zeros_left=zeros_left)
     if zeros_left:
         total = sum(int((~m).sum()) for t in keep.values() for m in t.values())
