@@ -329,12 +329,15 @@ def test_layer_pruner_on_a_plain_decoder_lm() -> None:
         ("unknown strategy", VLPruneError, "strategy"),
         ("bad alpha", VLPruneError, "alpha"),
         ("no decoder", ModelStructureError, "decoder"),
+        ("post-norm decoder", ModelStructureError, "output.LayerNorm"),
     ],
 )
 def test_layer_pruner_bad_input_raises_and_leaves_the_model(
     llava_deep: dict[str, Any], case: str, error: type, words: str
 ) -> None:
-    model = tiny_model("clip") if case == "no decoder" else copy.deepcopy(llava_deep["model"])
+    model = {"no decoder": tiny_model("clip"), "post-norm decoder": tiny_model("blip")}.get(case) or copy.deepcopy(
+        llava_deep["model"]
+    )
     data = llava_deep["data"]
     args: dict[str, Any] = {"domain_batches": data, "n_layers": 2}
     if case == "empty mapping":
@@ -351,7 +354,7 @@ def test_layer_pruner_bad_input_raises_and_leaves_the_model(
         args["strategy"] = "random"
     elif case == "bad alpha":
         args["alpha"] = 1.5
-    elif case == "no decoder":
+    elif case in ("no decoder", "post-norm decoder"):
         args["domain_batches"] = {"math": _image_batches(1), "general": _image_batches(1)}
     snap = _snapshot(model)
     with pytest.raises(error, match=words):

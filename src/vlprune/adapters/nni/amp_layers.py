@@ -441,6 +441,20 @@ class AMPPruner(L1NormPruner):
 # ----------------------------------------------------------------------------------------------
 # layer removal
 # ----------------------------------------------------------------------------------------------
+def _check_pre_norm(model: nn.Module, layers: Sequence[str]) -> None:
+    """Masking a layer's output projections makes it an identity only in a pre-norm layer
+    (``h + f(norm(h))``); BERT-style layers normalise after the residual sum (``output.LayerNorm``)."""
+    for layer in layers:
+        post = [n for n, _ in model.get_submodule(layer).named_modules() if n.endswith("output.LayerNorm")]
+        if post:
+            raise ModelStructureError(
+                f"decoder layer {layer!r} of {type(model).__name__} normalises after the residual sum "
+                f"(BERT-style, {layer}.{post[0]}): masking its output projections does not make it an identity, so "
+                "LayerSimilarityPruner cannot mask it; choose the layers with "
+                "vlprune.plugins.layer_similarity.rank_layers / select_layers and remove them with vlprune.remove_layers"
+            )
+
+
 def _layer_outputs(model: nn.Module, layer: str) -> list[str]:
     """Attention output projections and MLP down projections inside decoder layer ``layer``."""
     from vlprune.adapters.hf.families import describe
@@ -538,8 +552,9 @@ class LayerSimilarityPruner(L1NormPruner):
         VLPruneError: ``n_layers`` < 1 or above the unprotected layers, an unknown strategy, bad
             ``alpha`` / protection (all before any forward pass or wrapping).
         DataError: no domain, a domain without batches, an unknown ``domain``.
-        ModelStructureError: a model without decoder layers, or a chosen layer without a
-            recognisable attention output / MLP down projection.
+        ModelStructureError: a model without decoder layers, post-norm (BERT-style) decoder layers
+            such as BLIP's text decoder (masking their outputs leaves a LayerNorm: no identity), or
+            a chosen layer without a recognisable attention output / MLP down projection.
 
     Example:
         >>> import vlprune.testbed as tb
@@ -573,6 +588,7 @@ class LayerSimilarityPruner(L1NormPruner):
     ) -> None:
         progress = _check_progress(progress)
         names = ls.decoder_layers(model, layers)
+        _check_pre_norm(model, names)
         select_kw = dict(strategy=strategy, protect_first=protect_first, protect_last=protect_last,
                          regime_switch=regime_switch, evenness=evenness)
         # dry runs on placeholder scores: n_layers, strategy, protection, alpha and domain are
