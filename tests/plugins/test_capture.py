@@ -139,3 +139,48 @@ def test_a_failing_forward_is_a_data_error_naming_what_the_model_takes() -> None
     with pytest.raises(DataError, match=r"takes no 'pixels'; it takes pixel_values") as info:
         call_model(model, {"pixels": torch.zeros(1, 3, 32, 32)})
     assert "pixels: float32(1, 3, 32, 32)" in str(info.value) and info.value.__cause__ is not None
+
+
+class _Convs(nn.Module):
+    """A 2-D and a 1-D convolution, and a channels-last linear on an image (Swin / ConvNeXt style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c2 = nn.Conv2d(3, 5, 3, padding=1)
+        self.c1 = nn.Conv1d(5, 4, 3)
+        self.lin = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.c2(x)                                   # (B, 5, H, W)
+        z = self.c1(y.flatten(2))                         # (B, 4, H*W - 2)
+        return self.lin(y.permute(0, 2, 3, 1)).sum() + z.sum()  # lin: (B, H, W, 6)
+
+
+def test_convolution_outputs_reduce_over_positions_with_channels_as_features() -> None:
+    torch.manual_seed(0)
+    model = _Convs().eval()
+    x = torch.randn(4, 3, 6, 7)
+    # a padding mask whose shape equals (B, H) and (B, C): it must not touch image positions
+    batch = {"x": x, "attention_mask": torch.tensor([[1, 1, 0, 0, 0, 0]] * 4)}
+    with torch.no_grad():
+        y = model.c2(x)
+        z = model.c1(y.flatten(2))
+        w = model.lin(y.permute(0, 2, 3, 1))
+    # independent reference: positions (H*W, or L) as tokens, channels as features
+    want = {
+        "mean": {"c2": y.mean(dim=(2, 3)), "c1": z.mean(dim=2), "lin": w.mean(dim=(1, 2))},
+        "cls": {"c2": y[:, :, 0, 0], "c1": z[:, :, 0], "lin": w[:, 0, 0]},
+        "tokens": {"c2": y.permute(0, 2, 3, 1).reshape(-1, 5), "c1": z.transpose(1, 2).reshape(-1, 4),
+                   "lin": w.reshape(-1, 6)},
+    }
+    for rep, expected in want.items():
+        got = capture(model, [batch], ["c2", "c1", "lin"], lambda n, rep=rep: StoreRows(rep), progress=False)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, msg=f"{rep} {name}")
+    assert want["mean"]["c2"].shape == (4, 5) and want["tokens"]["c2"].shape == (4 * 6 * 7, 5)
+    flat = capture(model, [batch], ["c2"], lambda n: StoreRows("flatten"), progress=False)["c2"]
+    assert flat.shape == (4, 5 * 6 * 7)  # the whole output per sample (channels-last order)
+    torch.testing.assert_close(flat.sort(dim=1).values, y.flatten(1).sort(dim=1).values)
+    means = capture(model, [batch], ["c2", "c1"], lambda n: ChannelMean(), progress=False)
+    torch.testing.assert_close(means["c2"].float(), y.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(means["c1"].float(), z.mean(dim=(0, 2)))

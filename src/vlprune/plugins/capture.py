@@ -9,6 +9,11 @@ they need (a running mean, the first ``n`` representation rows), never all activ
 The padding mask of a batch (``attention_mask`` of shape (B, T)) applies to an output of shape
 (B, T, ...) only; outputs whose sequence length differs (e.g. vision tokens) are unmasked.
 
+Reducers see every output channels-last, (B, *positions, channels), as a transformer's (B, T, D):
+the outputs of convolutions (``nn.Conv1d/2d/3d`` and their transposed forms, (B, C, *spatial)) are
+handed over as (B, *spatial, C), unmasked, so that a position (a pixel) is a token and a channel a
+feature, e.g. ``"mean"`` rows are the per-channel means over H*W positions.
+
 Hooks are always removed and the model's train/eval mode restored, even when a forward fails.
 
 Example:
@@ -59,7 +64,7 @@ class Reducer(Protocol):
     """What a capture hook feeds: ``update`` per forward call, ``result`` at the end."""
 
     def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Consume one module output (B, ...) and the padding mask (B, T) or None."""
+        """Consume one module output (B, ..., channels), channels-last, and the padding mask (B, T) or None."""
 
     def result(self) -> Any:
         """The reduced value."""
@@ -98,7 +103,9 @@ def represent(output: torch.Tensor, representation: Representation, mask: torch.
     """Turn a module output into rows of points, in float32.
 
     Args:
-        output: (B, D) or (B, T, D) activations (more trailing dims are flattened into D).
+        output: (B, D) or (B, T, D) activations, channels last; (B, P1, P2, ..., D) (a channels-last
+            image: (B, H, W, C)) has P1 * P2 * ... token positions. A convolution's (B, C, H, W)
+            output must be moved channels-last first, as :class:`ActivationCapture` does.
         representation: ``"flatten"`` one row per sample, the whole (T x D) output with padded
             positions zeroed (the ID paper's choice); ``"cls"`` the first token; ``"mean"`` the mean
             over unpadded tokens; ``"tokens"`` one row per unpadded token.
@@ -113,7 +120,7 @@ def represent(output: torch.Tensor, representation: Representation, mask: torch.
     if x.dim() == 2:
         return x.float()
     if x.dim() > 3:
-        x = x.flatten(2)
+        x = x.flatten(1, -2)  # every position between the batch and the channels is a token
     m = _matching_mask(x, mask)
     if representation == "flatten":
         if m is not None:
@@ -421,9 +428,14 @@ class ActivationCapture:
     def _hook(self, name: str) -> Callable[..., None]:
         reducer = self.reducers[name]
 
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
             tensor = first_tensor(output)
             if tensor is None:
+                return
+            if isinstance(module, nn.modules.conv._ConvNd) and tensor.dim() >= 3:
+                # (B, C, *spatial) -> (B, *spatial, C): positions are tokens, channels features;
+                # a text padding mask never applies to them
+                reducer.update(tensor.movedim(1, -1), None)
                 return
             reducer.update(tensor, self._mask)
 
