@@ -20,7 +20,10 @@ computes what the masked model computes):
   three (for grouped-query attention: whole key/value heads in k and v, and every query head of
   those groups in q). Those heads are removed (q/k/v rows, o_proj columns) and the attention's
   head counts follow. NNI makes such masks with ``granularity=[head_dim, -1]`` and one
-  ``dependency_group_id`` per attention for its q, k and v (see the example). Masked q/k/v rows
+  ``dependency_group_id`` per attention for its q, k and v (see the example); NNI cannot group
+  the differently shaped q and k/v of grouped-query attention, so there build the masks by hand
+  (zero rows ``g*head_dim:(g+1)*head_dim`` of k and v, and the rows of query heads
+  ``g*n_rep .. (g+1)*n_rep - 1`` of q). Masked q/k/v rows
   that are not whole heads, or heads masked in some of q/k/v but not all, cannot be removed
   exactly: :class:`~vlprune.errors.ModelStructureError` names the attention. Fused ``qkv``
   linears (BLIP's vision tower) are refused too.
@@ -52,7 +55,8 @@ Example:
     >>> config = [{"op_names": [m.up for m in info.mlps], "sparse_ratio": 0.5,
     ...            "granularity": "out_channel"}]                                       # doctest: +SKIP
     >>> config += [{"op_names": [a.q, a.k, a.v], "sparse_ratio": 0.5, "granularity": [a.head_dim, -1],
-    ...             "dependency_group_id": f"attn{i}"} for i, a in enumerate(info.attentions)]  # doctest: +SKIP
+    ...             "dependency_group_id": a.name} for a in info.attentions
+    ...            if not a.fused and a.num_kv_heads == a.num_heads]                    # doctest: +SKIP
     >>> pruner = L1NormPruner(model, config)                                           # doctest: +SKIP
     >>> _, masks = pruner.compress(); pruner.unwrap_model()                            # doctest: +SKIP
     >>> report = shrink(model, masks, example_inputs)                                  # doctest: +SKIP
