@@ -180,6 +180,18 @@ def test_given_config_list_is_respected() -> None:
     assert len(_kept_rows(masks[f"{name}.fc1"]["weight"])) == 48
 
 
+def test_a_search_that_keeps_everything_gives_an_empty_config_and_no_masks() -> None:
+    model = tiny_model("clip")
+    snap = _snapshot(model)
+    with pytest.warns(UserWarning, match="pruned nothing"):
+        pruner = AMPPruner(model, _image_batches(2), 0.0, tau=0.1, rule="change", progress=False)
+    assert pruner.config_list == [] and all(k == 64 for k in pruner.widths.values())
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    assert not masks
+    torch.testing.assert_close(model.state_dict(), snap["state"])
+
+
 def test_gated_mlps_mask_gate_and_up_alike_and_equal_neuron_masks() -> None:
     model = _tiny_llama()
     g = torch.Generator().manual_seed(3)

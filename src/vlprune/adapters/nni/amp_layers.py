@@ -55,6 +55,7 @@ import torch
 from nni.compression.pruning import L1NormPruner
 from torch import nn
 
+from vlprune.adapters.nni.config import check_config_list, select_modules
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins import amp
 from vlprune.plugins import layer_similarity as ls
@@ -343,9 +344,9 @@ class AMPPruner(L1NormPruner):
         except DataError:
             raise DataError("held_out is empty; give at least one batch, or leave it None to search on batches") from None
         if config_list is not None:
-            from vlprune.adapters.nni.config import check_config_list
-
             check_config_list(model, config_list)
+            candidates = amp.find_mlps(model, mlps if scores is None else list(scores))
+            self._check_targets(model, config_list, {p for m in candidates.values() for p in (m.up, m.gate) if p})
 
         # --- the criterion: scores, then widths -------------------------------------------------
         if scores is None:
@@ -372,11 +373,8 @@ class AMPPruner(L1NormPruner):
                 min_keep=min_keep, rule=rule, progress=progress, log=self.search_log,
             )
             config_list = amp_config_list(model, self.widths)
-            if not config_list:
-                raise VLPruneError(
-                    f"AMP's search kept every neuron of every MLP (delta_e={delta_e:g}): nothing for NNI to prune; "
-                    "raise delta_e (the paper: 2e-4 to 1e-1)"
-                )
+            if not config_list:  # search_widths has warned, with the fix
+                logger.warning("AMPPruner: the search kept every neuron, the config list is empty: NNI masks nothing")
         # first linear -> (MLP name, metric per hidden neuron)
         self._metric_of: dict[str, tuple[str, torch.Tensor]] = {}
         for name, layout in layouts.items():
@@ -384,7 +382,7 @@ class AMPPruner(L1NormPruner):
             for path in (layout.up, layout.gate):
                 if path:
                     self._metric_of[path] = (name, metric)
-        self._check_targets(model, config_list)
+        self._check_targets(model, config_list, set(self._metric_of))
         _init_nni(self, model, config_list, evaluator, existed_wrappers)
 
     @classmethod
@@ -397,14 +395,14 @@ class AMPPruner(L1NormPruner):
         further keyword arguments as the constructor's."""
         return _from_compressor(cls, compressor, batches, delta_e, new_config_list, evaluator=evaluator, **kwargs)
 
-    def _check_targets(self, model: nn.Module, config_list: list[dict[str, Any]]) -> None:
-        """Every module the config list selects is a first linear of a scored MLP (no wrapping yet)."""
-        from vlprune.adapters.nni.config import select_modules
-
+    @staticmethod
+    def _check_targets(model: nn.Module, config_list: list[dict[str, Any]], allowed: set[str]) -> None:
+        """Every module the config list selects is in ``allowed`` (first linears of the scored
+        MLPs) and is pruned by output channel; nothing is wrapped yet."""
         selected = select_modules(model, config_list)
-        bad = [n for n in selected if n not in self._metric_of]
+        bad = [n for n in selected if n not in allowed]
         if bad:
-            firsts = sorted(self._metric_of)
+            firsts = sorted(allowed)
             raise ModelStructureError(
                 f"AMPPruner's config_list selects {bad[:3]}{' ...' if len(bad) > 3 else ''}, which are not the first "
                 f"linear of a scored MLP; AMP scores MLP hidden neurons, so target the MLPs' fc1 / up_proj / gate_proj "
