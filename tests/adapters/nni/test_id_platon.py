@@ -375,3 +375,72 @@ def test_check_config_list_accepts_valid_and_select_modules_matches_nni():
     assert sorted(select_modules(model, config)) == ["0", "2"]
     with pytest.raises(VLPruneError, match="float"):
         check_config_list(model, [{"op_types": ["Linear"], "sparse_ratio": 0}])
+
+
+def test_from_compressor_chains_idweighted_then_platon():
+    model = _mlp()
+    recorder = _Recorder(["0", "2"])
+    first = IDWeightedPruner(model, [{"op_names": ["0"], "sparse_ratio": 0.25}], {"0": 2.0},
+                             evaluator=_evaluator(model, recorder))
+    first.first_step_gen = True  # NNI's norm pruners only prune inside a fusion when told to
+    second = PlatonPruner.from_compressor(first, [{"op_names": ["2"], "sparse_ratio": 0.5}], warmup_step=2,
+                                          cooldown_begin_step=6, delta_t=2)
+    assert isinstance(second, PlatonPruner) and second.evaluator is first.evaluator
+    _, masks = second.compress(max_steps=8, max_epochs=None)
+    assert int((masks["0"]["weight"][:, 0] == 0).sum()) == 4  # the ID-weighted L1 rows
+    assert int((masks["2"]["weight"] == 0).sum()) == 128  # PLATON's weights
+    again = IDWeightedPruner.from_compressor(second, [{"op_names": ["4"], "sparse_ratio": 0.5}], {"4": 3.0})
+    assert isinstance(again, L1NormPruner.__mro__[1]) and again.base == "l1"
+
+
+# -- transformers' Trainer through NNI's TransformersEvaluator ----------------------------------
+
+
+def _traced_trainer(model, max_steps: int, out):
+    from transformers import Trainer, TrainingArguments
+
+    from vlprune.testbed import batches
+
+    samples = [{k: v[i] for k, v in b.items()} for b in batches("tiny-llava", 16, 4, labels=True) for i in range(4)]
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=max_steps, report_to=[],
+        logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    optimizer = nni.trace(torch.optim.AdamW)(model.parameters(), lr=1e-3)
+    return nni.trace(Trainer)(model=model, args=args, train_dataset=samples, optimizers=(optimizer, None))
+
+
+def test_nni_transformers_evaluator_fails_on_transformers_5_and_the_patched_one_works(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.TrainingArguments needs accelerate>=1.1.0")
+    from nni.compression import TransformersEvaluator
+
+    from vlprune.adapters.nni.evaluators import PatchedTransformersEvaluator
+    from vlprune.testbed.tiny import tiny_model
+
+    model = tiny_model("llava")
+    names = [n for n, _ in model.named_modules() if n.endswith("mlp.down_proj")]
+    config = [{"op_names": names, "sparse_ratio": 0.5}]
+    broken = PlatonPruner(model, config, TransformersEvaluator(_traced_trainer(model, 6, tmp_path)), warmup_step=1,
+                          cooldown_begin_step=4, delta_t=1)
+    with pytest.raises(AssertionError):  # NNI takes transformers 5's Trainer.deepspeed (None) for the optimizer
+        broken.compress(max_steps=6, max_epochs=None)
+    broken.evaluator.unbind_model()
+    broken.unwrap_model()
+
+    model = tiny_model("llava")
+    pruner = PlatonPruner(model, config, PatchedTransformersEvaluator(_traced_trainer(model, 6, tmp_path)), warmup_step=1,
+                          cooldown_begin_step=4, delta_t=1)
+    _, masks = pruner.compress(max_steps=6, max_epochs=None)
+    assert pruner.platon.calls == 6
+    assert all(int((masks[n]["weight"] == 0).sum()) == masks[n]["weight"].numel() // 2 for n in names)
+
+    model = tiny_model("llava")
+    ids = {n: 5.0 for n in names}
+    pruner = IDWeightedPruner(model, config, ids, base="taylor",
+                              evaluator=PatchedTransformersEvaluator(_traced_trainer(model, 3, tmp_path)), training_steps=3)
+    _, masks = pruner.compress()
+    assert all(masks[n]["weight"][:, 0].mean() == 0.5 for n in names)
+    untraced = _traced_trainer(model, 3, tmp_path)
+    untraced.optimizer = None  # as a Trainer built without optimizers=
+    with pytest.raises(VLPruneError, match="nni.trace'd optimizer"):
+        PatchedTransformersEvaluator(untraced)

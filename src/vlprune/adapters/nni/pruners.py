@@ -549,6 +549,12 @@ class PlatonPruner(ScheduledPruner):
         self._fusion_compress(max_steps, max_epochs)
 
     def _fuse_preprocess(self, evaluator: Evaluator) -> None:
+        if (self.interval_steps, self.total_times) != (1, self.cooldown_begin_step - self.warmup_step):
+            logger.warning(
+                "PlatonPruner follows PLATON's own cubic schedule (warmup_step %d, cooldown_begin_step %d); the "
+                "schedule of the AGPPruner / LinearPruner wrapping it is overridden after every step",
+                self.warmup_step, self.cooldown_begin_step,
+            )
         self._update_sparse_goals_by_ratio(0.0)
         self._register_trigger(evaluator)
 
