@@ -444,3 +444,12 @@ def test_nni_transformers_evaluator_fails_on_transformers_5_and_the_patched_one_
     untraced.optimizer = None  # as a Trainer built without optimizers=
     with pytest.raises(VLPruneError, match="nni.trace'd optimizer"):
         PatchedTransformersEvaluator(untraced)
+
+
+def test_model_wrapped_by_another_pruner_is_refused_without_harm():
+    model = _mlp()
+    first = L1NormPruner(model, [{"op_names": ["0"], "sparse_ratio": 0.5}])
+    with pytest.raises(ModelStructureError, match="already wrapped by another NNI compressor"):
+        IDWeightedPruner(model, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], {"0": 1.0, "2": 1.0, "4": 1.0})
+    assert model[0]._nni_wrapper is first._module_wrappers["0"]  # the first pruner still owns its wrapper
+    assert not hasattr(model[2], "_nni_wrapper")

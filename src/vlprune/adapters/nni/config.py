@@ -137,7 +137,8 @@ def check_config_list(model: nn.Module, config_list: Sequence[Mapping[str, Any]]
 
     Raises:
         VLPruneError: a malformed list, a ratio out of range, or inconsistent group ratios.
-        ModelStructureError: an entry names a module the model lacks, selects no module, or selects a module type NNI cannot prune.
+        ModelStructureError: an entry names a module the model lacks, selects no module, selects a module
+            already wrapped by another NNI compressor, or selects a module type NNI cannot prune.
 
     Example:
         >>> import torch
@@ -207,6 +208,12 @@ def check_config_list(model: nn.Module, config_list: Sequence[Mapping[str, Any]]
             raise ModelStructureError(
                 f"config_list[{i}] {_describe(config)} selects no module of {type(model).__name__}; module names "
                 f"look like: {_example_names(model)} (op_types are class names such as 'Linear')"
+            )
+        wrapped = sorted(n for n, m in modules.items() if hasattr(m, "_nni_wrapper") or type(m).__name__ == "ModuleWrapper")
+        if wrapped:
+            raise ModelStructureError(
+                f"config_list[{i}] selects {wrapped[:3]}{' ...' if len(wrapped) > 3 else ''}, already wrapped by another NNI "
+                "compressor; call unwrap_model() on that compressor first, or chain with <Pruner>.from_compressor(it, ...)"
             )
         bad = sorted((n, type(m).__name__) for n, m in modules.items() if type(m).__name__ not in registry)
         if bad:
