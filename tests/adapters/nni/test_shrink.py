@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 
 from vlprune.adapters.hf.families import describe  # noqa: E402
 from vlprune.adapters.hf.persist import load_pruned, save_pruned  # noqa: E402
-from vlprune.adapters.nni.shrink import ShrinkReport, shrink  # noqa: E402
+from vlprune.adapters.nni.shrink import ShrinkReport, head_masks, shrink  # noqa: E402
 from vlprune.errors import DataError, ModelStructureError, VLPruneError  # noqa: E402
 from vlprune.testbed.tiny import example_inputs, tiny_model  # noqa: E402
 
@@ -347,7 +347,8 @@ def test_masks_of_another_model_are_refused() -> None:
     vit, clip = tiny_model("vit"), tiny_model("clip")
     masks = nni_masks(vit)
     before = state(clip)
-    with pytest.raises(ModelStructureError, match=r"masks name module 'vit\.layers\.0\.mlp\.fc1'.*another model"):
+    with pytest.raises(ModelStructureError, match=r"masks name module 'vit\.layers\.0\.attention\.k_proj' \(and 7 more of the 8 masked "
+                                                  r"modules\).*CLIPModel.*another model"):
         shrink(clip, masks, example_inputs("clip"), progress=False)
     assert_untouched(clip, before)
 
@@ -477,3 +478,31 @@ def test_channels_tied_to_unmasked_ones_by_the_dependency_graph_are_refused() ->
                                                   r"which the masks keep"):
         shrink(model, masks, example_inputs("vit"), progress=False)
     assert_untouched(model, before)
+
+
+def test_head_masks_builds_whole_head_masks_that_shrink() -> None:
+    model = tiny_model("llava")
+    inputs = example_inputs("llava")
+    info = describe(model)
+    lang = [a for a in info.attentions if a.num_kv_heads != a.num_heads][0]  # 4 query / 2 kv heads
+    vision = [a for a in info.attentions if a.num_kv_heads == a.num_heads][0]
+    masks = head_masks(model, {lang.name: [0, 1], vision.name: [3]})
+    independent = {lang.q: head_mask(model.get_submodule(lang.q), [0, 1], 8),
+                   lang.k: head_mask(model.get_submodule(lang.k), [0], 8),
+                   lang.v: head_mask(model.get_submodule(lang.v), [0], 8),
+                   vision.q: head_mask(model.get_submodule(vision.q), [3], 8),
+                   vision.k: head_mask(model.get_submodule(vision.k), [3], 8),
+                   vision.v: head_mask(model.get_submodule(vision.v), [3], 8)}
+    assert masks.keys() == independent.keys()
+    for name, targets in independent.items():
+        assert masks[name].keys() == targets.keys()
+        for target, mask in targets.items():
+            assert torch.equal(masks[name][target], mask), (name, target)
+    with pytest.raises(ModelStructureError, match=r"split key/value group\(s\) \[0\].*e\.g\. \[0, 1\]"):
+        head_masks(model, {lang.name: [1]})
+    with pytest.raises(ModelStructureError, match="has no attention 'model.layers.0.self_attn'"):
+        head_masks(model, {"model.layers.0.self_attn": [0]})
+    reference = run(masked_copy(model, masks), inputs)
+    report = shrink(model, masks, inputs, progress=False)
+    assert report.heads == {lang.name: (0, 1), vision.name: (3,)}
+    assert_same_outputs(reference, run(model, inputs))

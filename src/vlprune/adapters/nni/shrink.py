@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 
-__all__ = ["ShrinkReport", "shrink"]
+__all__ = ["ShrinkReport", "shrink", "head_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +157,18 @@ def _read_masks(model: nn.Module, masks: Any) -> dict[str, dict[str, torch.Tenso
             f"get_masks() return, got {type(masks).__name__}"
         )
     modules = dict(model.named_modules())
+    unknown = sorted((str(n) for n in masks if not isinstance(n, str) or n not in modules or n == ""))
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+        hint = f"closest: {close}" if close else f"module names look like: {[n for n in modules if n][:3]}"
+        more = f" (and {len(unknown) - 1} more of the {len(masks)} masked modules)" if len(unknown) > 1 else ""
+        raise ModelStructureError(
+            f"masks name module {name!r}{more}, which {type(model).__name__} does not have ({hint}); were the "
+            "masks made for another model, or for this one before it was shrunk or had layers removed?"
+        )
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, targets in masks.items():
-        if not isinstance(name, str) or name not in modules or name == "":
-            close = difflib.get_close_matches(str(name), [n for n in modules if n], n=3)
-            hint = f"closest: {close}" if close else f"module names look like: {[n for n in modules if n][:3]}"
-            raise ModelStructureError(
-                f"masks name module {name!r}, which {type(model).__name__} does not have ({hint}); were the masks "
-                "made for another model, or for this one before it was shrunk or had layers removed?"
-            )
         module = modules[name]
         if not isinstance(targets, Mapping):
             raise VLPruneError(
@@ -551,6 +554,71 @@ def _apply_masks(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]]) -> 
             for target, mask in targets.items():
                 param = module._parameters[target]
                 param.data = param.data * mask.to(param.dtype)
+
+
+def head_masks(model: nn.Module, heads: Mapping[str, Iterable[int]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole-head masks in NNI's format, for :func:`shrink` (or to merge into NNI's masks).
+
+    NNI masks whole heads with ``granularity=[head_dim, -1]`` and a ``dependency_group_id`` per
+    attention, except for grouped-query attention, whose q and k/v differ in shape; this builds
+    them for any attention ``vlprune.describe_model`` finds (fused qkv excepted).
+
+    Args:
+        model: the transformers model.
+        heads: attention path (``describe_model(model).attentions[i].name``) -> query heads to
+            mask. For grouped-query attention they must be whole key/value groups (query heads
+            ``g*n_rep .. (g+1)*n_rep - 1``); key/value head ``g`` is masked with them.
+
+    Returns:
+        ``{q/k/v path: {"weight": mask, "bias": mask}}`` (1 = keep; ``"bias"`` where the linear has one).
+
+    Raises:
+        ModelStructureError: an unknown attention path, a fused qkv attention, a head index out of
+            range, query heads that split a key/value group.
+
+    Example:
+        >>> from vlprune.testbed.tiny import tiny_model
+        >>> model = tiny_model("llava")  # language attentions: 4 query heads, 2 key/value heads
+        >>> masks = head_masks(model, {"model.language_model.layers.0.self_attn": [2, 3]})
+        >>> sorted(name.rsplit(".", 1)[1] for name in masks)
+        ['k_proj', 'q_proj', 'v_proj']
+    """
+    from vlprune.adapters.hf.families import describe
+
+    attentions = {a.name: a for a in describe(model).attentions}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, chosen in heads.items():
+        att = attentions.get(name)
+        if att is None:
+            close = difflib.get_close_matches(str(name), list(attentions), n=3)
+            raise ModelStructureError(
+                f"{type(model).__name__} has no attention {name!r} (closest: {close or list(attentions)[:3]}); use "
+                "the names of vlprune.describe_model(model).attentions"
+            )
+        if att.fused:
+            raise ModelStructureError(f"attention {name} has a fused qkv linear ({att.q}); shrink does not remove its heads")
+        chosen = sorted({int(h) for h in chosen})
+        bad = [h for h in chosen if not 0 <= h < att.num_heads]
+        if bad:
+            raise ModelStructureError(f"attention {name} has heads 0..{att.num_heads - 1}; got {bad}")
+        group = att.num_heads // att.num_kv_heads
+        kv = sorted({h // group for h in chosen})
+        split = [g for g in kv if any(h not in chosen for h in range(g * group, (g + 1) * group))]
+        if split:
+            raise ModelStructureError(
+                f"attention {name}: query heads {chosen} split key/value group(s) {split} ({group} query heads per "
+                f"key/value head); mask whole groups, e.g. {list(range(split[0] * group, (split[0] + 1) * group))}"
+            )
+        for path, masked in ((att.q, chosen), (att.k, kv), (att.v, kv)):
+            linear = model.get_submodule(path)
+            keep = torch.ones(linear.out_features, dtype=torch.bool, device=linear.weight.device)
+            for h in masked:
+                keep[h * att.head_dim:(h + 1) * att.head_dim] = False
+            mask = {"weight": keep[:, None].expand_as(linear.weight).to(linear.weight.dtype).clone()}
+            if linear.bias is not None:
+                mask["bias"] = keep.to(linear.bias.dtype)
+            out[path] = mask
+    return out
 
 
 def shrink(
