@@ -461,12 +461,12 @@ def test_load_pruned_errors(tmp_path) -> None:
     with pytest.raises(VLPruneError, match="cannot load it as"):
         load_pruned(tmp_path / "m", model_class=ViTModel)
     modules = dict(good["modules"])
-    modules["vit.layers.0.attention.q_proj"] = {**modules["vit.layers.0.attention.q_proj"], "class": "Conv2d"}
+    modules["vit.layers.0.mlp.fc1"] = {**modules["vit.layers.0.mlp.fc1"], "class": "Conv2d"}
     write({**good, "modules": modules})
     with pytest.raises(VLPruneError, match="another model"):
         load_pruned(tmp_path / "m")
-    modules["vit.layers.0.attention.q_proj"] = {
-        **good["modules"]["vit.layers.0.attention.q_proj"], "params": {"weight": [8, 32], "bias": [8]}
+    modules["vit.layers.0.mlp.fc1"] = {
+        **good["modules"]["vit.layers.0.mlp.fc1"], "params": {"weight": [8, 32], "bias": [8]}
     }
     write({**good, "modules": modules})
     with pytest.raises(VLPruneError, match="do not fit"):
