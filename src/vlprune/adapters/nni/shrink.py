@@ -269,7 +269,7 @@ def _whole_heads(rows: set[int], count: int, head_dim: int, path: str, what: str
             f"attention {att}: {path} masks part of head(s) {partial} ({what} rows "
             f"{sorted(r for r in rows if r // head_dim in partial)[:8]}...): only whole heads can be removed; mask "
             f"whole heads (NNI granularity=[{head_dim}, -1] with one dependency_group_id for the attention's q, k "
-            f"and v) or leave {path} out of the config list"
+            f"and v, or head_masks(model, {{attention: heads}})) or leave {path} out of the config list"
         )
     if len(heads) > count:  # cannot happen for a well-formed layout; guards the arithmetic
         raise ModelStructureError(f"attention {att}: {path} has more masked heads than the {count} it holds")
@@ -339,7 +339,8 @@ def _plan(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], info: Any)
                 f"attention {att.name}: the masks switch off different heads in q, k and v{gqa}: query heads "
                 f"{q_heads} in {att.q}, key heads {k_heads} in {att.k}, value heads {v_heads} in {att.v}; a head "
                 "can only be removed from all three at once. Mask q, k and v of one attention together (NNI: "
-                f"granularity=[{d}, -1] and the same dependency_group_id for the three)"
+                f"granularity=[{d}, -1] and the same dependency_group_id for the three; or build the masks with "
+                "vlprune.adapters.nni.shrink.head_masks(model, {attention: heads}), which grouped-query attention needs)"
             )
         if len(q_heads) >= H:
             logger.warning(
