@@ -103,6 +103,13 @@ def test_fine_grained_metric_and_idprofile_object():
     torch.testing.assert_close(pruner.metrics()["0"]["weight"], model[0].weight.detach().abs() * 12.0)
     _, masks = pruner.compress()
     assert masks["0"]["weight"].shape == (16, 8) and int((masks["0"]["weight"] == 0).sum()) == 32
+    # "granularity": [1] is element-wise for any layer type (a Conv2d's 4-D weight too)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(144, 5))
+    pruner = IDWeightedPruner(conv, [{"op_names": ["0", "2"], "sparse_ratio": 0.5, "granularity": [1]}], {"0": 2.0, "2": 3.0})
+    torch.testing.assert_close(pruner.metrics()["0"]["weight"], conv[0].weight.detach().abs() * 2.0)
+    _, masks = pruner.compress()
+    assert int((masks["0"]["weight"] == 0).sum()) == 54 and int((masks["2"]["weight"] == 0).sum()) == 360
 
 
 def test_per_layer_ratio_masks_equal_nni_l1_whatever_the_ids():

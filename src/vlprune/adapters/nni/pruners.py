@@ -257,8 +257,9 @@ class IDWeightedPruner(Pruner):
     ``nni.compression.pruning.TaylorPruner`` (taylor) or an ``_NormPruner`` (l1 / l2), so NNI's
     ``AGPPruner`` / ``LinearPruner`` can wrap it.
 
-    Granularity is NNI's: ``out_channel`` by default (rows of a Linear), any NNI ``granularity``
-    in the config (``[1, 1]`` for single weights of a Linear). A ``global_group_id`` ranks the raw
+    Granularity is NNI's: ``out_channel`` by default (rows of a Linear, filters of a Conv), any NNI
+    ``granularity`` in the config; ``"granularity": [1]`` scores and prunes single weights (the
+    paper's unstructured setting) of any layer type. A ``global_group_id`` ranks the raw
     products across layers, with ``max_sparse_ratio`` honoured per layer (see the module docstring).
 
     Args:
@@ -374,7 +375,11 @@ class PlatonPruner(ScheduledPruner):
     warmup))**3`` (0 up to ``warmup_step``, 1 from ``cooldown_begin_step``), and masks are
     regenerated from the scores every ``delta_t`` steps in the cubic phase and every step after it.
     With ``profile=``, scores are multiplied by their module's ID (ID-PLATON; matters under a
-    ``global_group_id``, PLATON's one global threshold).
+    ``global_group_id``, PLATON's one global threshold). Works under NNI's ``TorchEvaluator``; with
+    transformers 5's ``Trainer`` use
+    :class:`~vlprune.adapters.nni.evaluators.PatchedTransformersEvaluator` (NNI's
+    ``TransformersEvaluator`` fails there). NNI's ``AGPPruner`` / ``LinearPruner`` add nothing: the
+    cubic schedule is PLATON's own.
 
     Granularity: fine-grained by default (single weights, as NNI's ``LevelPruner``);
     ``"granularity": "out_channel"`` in the config prunes rows, scored by the sum of their
