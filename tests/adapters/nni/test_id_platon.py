@@ -460,3 +460,14 @@ def test_model_wrapped_by_another_pruner_is_refused_without_harm():
         IDWeightedPruner(model, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], {"0": 1.0, "2": 1.0, "4": 1.0})
     assert model[0]._nni_wrapper is first._module_wrappers["0"]  # the first pruner still owns its wrapper
     assert not hasattr(model[2], "_nni_wrapper")
+
+
+def test_refused_from_compressor_leaves_the_first_pruner_wrapped():
+    model = _mlp()
+    first = L1NormPruner(model, [{"op_names": ["0"], "sparse_ratio": 0.5}])
+    with pytest.raises(ModelStructureError, match="no ID"):
+        IDWeightedPruner.from_compressor(first, [{"op_names": ["2"], "sparse_ratio": 0.5}], {"4": 1.0})
+    assert first._is_wrapped and model[0]._nni_wrapper is first._module_wrappers["0"]
+    assert not hasattr(model[2], "_nni_wrapper")
+    _, masks = first.compress()
+    assert masks["0"]["weight"].mean() == 0.5

@@ -234,6 +234,18 @@ def _guarded_init(pruner: Pruner, init: Any, *args: Any) -> None:
         raise VLPruneError(f"NNI could not set up {type(pruner).__name__}: {exc!r}") from exc
 
 
+def _chain(cls: type, compressor: Compressor, new_config_list: list[dict[str, Any]], **kwargs: Any) -> Any:
+    """NNI's ``Compressor.from_compressor``, re-wrapping ``compressor`` if the new pruner is refused
+    (NNI unwraps it first), so a failed chain leaves the model as it was."""
+    was_wrapped = getattr(compressor, "_is_wrapped", False)
+    try:
+        return Compressor.from_compressor.__func__(cls, compressor, new_config_list, **kwargs)  # type: ignore[attr-defined]
+    except Exception:
+        if was_wrapped and not compressor._is_wrapped:
+            compressor.wrap_model()
+        raise
+
+
 def _weight_by_id(metrics: _Metrics, ids: Mapping[str, float]) -> _Metrics:
     out: _Metrics = defaultdict(dict)
     for module_name, targets in metrics.items():
@@ -337,8 +349,9 @@ class IDWeightedPruner(Pruner):
         training_steps: int | None = None,
         evaluator: Evaluator | None = None,
     ) -> IDWeightedPruner:
-        """A new pruner on ``compressor``'s model, wrappers and evaluator (NNI's chaining)."""
-        return Compressor.from_compressor.__func__(  # type: ignore[attr-defined]
+        """A new pruner on ``compressor``'s model, wrappers and evaluator (NNI's chaining); if it is
+        refused, ``compressor`` is wrapped again as it was."""
+        return _chain(
             cls, compressor, new_config_list, profile=profile, base=base, training_steps=training_steps, evaluator=evaluator
         )
 
@@ -464,8 +477,9 @@ class PlatonPruner(ScheduledPruner):
         profile: IDProfile | Mapping[str, float] | None = None,
         evaluator: Evaluator | None = None,
     ) -> PlatonPruner:
-        """A new PlatonPruner on ``compressor``'s model, wrappers and evaluator (NNI's chaining)."""
-        return Compressor.from_compressor.__func__(  # type: ignore[attr-defined]
+        """A new PlatonPruner on ``compressor``'s model, wrappers and evaluator (NNI's chaining); if it
+        is refused, ``compressor`` is wrapped again as it was."""
+        return _chain(
             cls, compressor, new_config_list, warmup_step=warmup_step, cooldown_begin_step=cooldown_begin_step,
             beta1=beta1, beta2=beta2, delta_t=delta_t, profile=profile, evaluator=evaluator,
         )
