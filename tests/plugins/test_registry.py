@@ -34,9 +34,11 @@ def test_unknown_name_and_unsupported_pair_name_the_choices() -> None:
     with pytest.raises(RegistryError, match="registered criteria: .*id_weighted.*taylor"):
         vlprune.get_criterion("no_such_criterion")
     with pytest.raises(RegistryError, match="not supported by adapter 'nni'.*supports: torch_pruning"):
-        vlprune.get_criterion("taylor", adapter="nni")
+        vlprune.get_criterion("random", adapter="nni")
+    with pytest.raises(RegistryError, match="not supported by adapter 'hf_tokens'.*supports: torch_pruning, nni"):
+        vlprune.get_criterion("taylor", adapter="hf_tokens")
     with pytest.raises(vlprune.VLPruneError):
-        vlprune.check_pairing("magnitude", "nni")
+        vlprune.check_pairing("random", "nni")
 
 
 class _OutsidePlugin:

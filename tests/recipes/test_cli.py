@@ -59,7 +59,8 @@ def test_list_has_a_column_for_every_known_adapter(capsys) -> None:
         spec = get_spec(name)
         cells = dict(zip(header[3:7], row[3:7]))
         assert cells == {a: "yes" if a in spec.adapters else "-" for a in cells}, name
-    assert _rows(out)["id_weighted"][3:7] == ["yes", "-", "-", "-"]  # NNI: not supported yet
+    assert _rows(out)["id_weighted"][3:7] == ["yes", "yes", "-", "-"]
+    assert _rows(out)["layer_similarity"][3:7] == ["-", "yes", "yes", "-"]
     assert main(["list", "-v"]) == 0
     verbose = capsys.readouterr().out
     assert verbose.splitlines()[0] == out.splitlines()[0] and "\nid_weighted: " in verbose

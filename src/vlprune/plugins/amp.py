@@ -827,7 +827,10 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             name="amp_entropy",
             level="neuron",
             needs="gradients",
-            adapters={"torch_pruning": "vlprune.adapters.torch_pruning:AMPEntropyImportance"},
+            adapters={
+                "torch_pruning": "vlprune.adapters.torch_pruning:AMPEntropyImportance",
+                "nni": "vlprune.adapters.nni.amp_layers:AMPPruner",
+            },
             description="label-free entropy Taylor importance of MLP hidden neurons; widths by binary search",
             source="Shen et al., Adaptive MLP Pruning for Large Vision Transformers, 2026",
             factory="vlprune.plugins.amp:neuron_importance",

@@ -16,17 +16,23 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             name="magnitude",
             level="channel",
             needs="none",
-            adapters={"torch_pruning": "torch_pruning.pruner.importance:GroupMagnitudeImportance"},
+            adapters={
+                "torch_pruning": "torch_pruning.pruner.importance:GroupMagnitudeImportance",
+                "nni": "nni.compression.pruning:L1NormPruner",
+            },
             description="L_p norm of the weights of each channel group",
-            source="Torch-Pruning",
+            source="Torch-Pruning; NNI 3.0",
         ),
         CriterionSpec(
             name="taylor",
             level="channel",
             needs="gradients",
-            adapters={"torch_pruning": "torch_pruning.pruner.importance:GroupTaylorImportance"},
+            adapters={
+                "torch_pruning": "torch_pruning.pruner.importance:GroupTaylorImportance",
+                "nni": "nni.compression.pruning:TaylorPruner",
+            },
             description="first-order Taylor |w * dL/dw| of each channel group (call loss.backward() first)",
-            source="Torch-Pruning",
+            source="Torch-Pruning; NNI 3.0",
         ),
         CriterionSpec(
             name="random",

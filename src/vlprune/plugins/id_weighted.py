@@ -71,7 +71,10 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             name="id_weighted",
             level="channel",
             needs="calibration",
-            adapters={"torch_pruning": "vlprune.adapters.torch_pruning:IDWeightedImportance"},
+            adapters={
+                "torch_pruning": "vlprune.adapters.torch_pruning:IDWeightedImportance",
+                "nni": "vlprune.adapters.nni.pruners:IDWeightedPruner",
+            },
             description="any base importance x the intrinsic dimension of its layer",
             source="Wang et al., ICML 2024",
         )

@@ -700,7 +700,10 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             name="layer_similarity",
             level="layer",
             needs="calibration",
-            adapters={"hf_layers": f"{module}:layer_similarity"},
+            adapters={
+                "hf_layers": f"{module}:layer_similarity",
+                "nni": "vlprune.adapters.nni.amp_layers:LayerSimilarityPruner",
+            },
             description="cosine(input, output) of each decoder layer per domain (higher = more removable); "
             "domain-aware ranking, rank / spacing / regime selection",
             source="Khaki et al., Understanding Pruning Regimes in VLMs Through Domain-Aware Layer Selection, 2026",

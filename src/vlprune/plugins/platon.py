@@ -320,7 +320,10 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             name="platon",
             level="weight",
             needs="training",
-            adapters={"torch_pruning": "vlprune.adapters.torch_pruning:PlatonImportance"},
+            adapters={
+                "torch_pruning": "vlprune.adapters.torch_pruning:PlatonImportance",
+                "nni": "vlprune.adapters.nni.pruners:PlatonPruner",
+            },
             description="UCB of weight sensitivity |w * grad| (EMA x uncertainty), call update() after backward",
             source="Zhang et al., ICML 2022",
         ),

@@ -54,6 +54,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 #: pruning). A criterion declares the ones that support it in ``CriterionSpec.adapters``.
 ADAPTERS: tuple[str, ...] = ("torch_pruning", "nni", "hf_layers", "hf_tokens")
 
+#: the adapter ``get_criterion(name)`` builds when a criterion has no framework-agnostic object and
+#: several adapters (what it built before NNI pruners joined)
+DEFAULT_ADAPTER = "torch_pruning"
+
 #: optional dependencies behind an adapter, and how to install them
 EXTRA_HINTS: dict[str, str] = {
     "nni": '; the NNI adapter needs the nni extra: pip install "vlprune[nni]" (or pip install -e ".[nni]")',
@@ -187,7 +191,7 @@ def get_criterion(name: str, adapter: str | None = None, **params: Any) -> Any:
     Args:
         name: registered criterion name (see :func:`criteria`).
         adapter: ``"torch_pruning"``, ``"nni"``, ... or None for the framework-agnostic object
-            (or, if the criterion has none, its only adapter).
+            (or, if the criterion has none, its only adapter, else ``"torch_pruning"``).
         **params: passed to the criterion's constructor.
 
     Returns:
@@ -202,6 +206,8 @@ def get_criterion(name: str, adapter: str | None = None, **params: Any) -> Any:
             return resolve_object(spec.factory)(**params)
         if len(spec.adapters) == 1:
             adapter = next(iter(spec.adapters))
+        elif DEFAULT_ADAPTER in spec.adapters:
+            adapter = DEFAULT_ADAPTER
         else:
             raise RegistryError(
                 f"criterion {name!r} needs an adapter: one of {', '.join(spec.adapters)}"
