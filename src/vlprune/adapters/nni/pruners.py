@@ -338,6 +338,9 @@ class IDWeightedPruner(Pruner):
         else:
             self.p = 1 if base == "l1" else 2
             _guarded_init(self, super().__init__, model, config_list, evaluator, existed_wrappers)
+            # NNI fence: a one-shot norm pruner inside a fusion (from_compressor + an evaluator) generates
+            # masks only when first_step_gen is set; NNI's default (False) never prunes there
+            self.first_step_gen = True
 
     @classmethod
     def from_compressor(  # type: ignore[override]
