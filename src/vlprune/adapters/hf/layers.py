@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlprune.adapters.hf.undo import restore_on_failure
 from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.plugins.structure import find_decoder_layers, registered_decoder_pattern
 
@@ -448,7 +449,6 @@ def remove_layers(
     config_plan = [(name, cfg, _config_plan(name, cfg, kept, depth)) for name, cfg in configs]
     for name, cfg, values in config_plan:
         _check_config(name, cfg, values)
-    old_modules = dict(container._modules)
     layer_objs = [container[i] for i in range(depth)]
     index_plan = [
         change for new, old in enumerate(kept) for change in _index_changes(layer_objs[old], old, new, f"{path}.{new}")
@@ -465,34 +465,21 @@ def remove_layers(
             if isinstance(owner.__dict__.get("has_sliding_layers"), bool):
                 derived.append((owner, "has_sliding_layers", owner.has_sliding_layers, "sliding_attention" in new_types))
     # apply, restoring everything on failure
-    missing = object()
-    config_states = [(cfg, {a: cfg.__dict__.get(a, missing) for a in values}) for _, cfg, values in config_plan]
     try:
-        container._modules.clear()
-        for new, old in enumerate(kept):
-            container._modules[str(new)] = layer_objs[old]
-        for module, _, attr, _, value in index_plan:
-            setattr(module, attr, value)
-        for owner, attr, _, value in derived:
-            setattr(owner, attr, value)
-        for _, cfg, values in config_plan:
-            for attr, value in values.items():
-                setattr(cfg, attr, value)
+        with restore_on_failure(model):
+            container._modules.clear()
+            for new, old in enumerate(kept):
+                container._modules[str(new)] = layer_objs[old]
+            for module, _, attr, _, value in index_plan:
+                setattr(module, attr, value)
+            for owner, attr, _, value in derived:
+                setattr(owner, attr, value)
+            for _, cfg, values in config_plan:
+                for attr, value in values.items():
+                    setattr(cfg, attr, value)
+    except VLPruneError:
+        raise
     except Exception as exc:
-        container._modules.clear()
-        container._modules.update(old_modules)
-        for module, _, attr, value, _ in index_plan:
-            module.__dict__[attr] = value
-        for owner, attr, value, _ in derived:
-            owner.__dict__[attr] = value
-        for cfg, state in config_states:
-            for attr, value in state.items():
-                if value is missing:
-                    cfg.__dict__.pop(attr, None)
-                else:
-                    cfg.__dict__[attr] = value
-        if isinstance(exc, VLPruneError):
-            raise
         raise VLPruneError(
             f"remove_layers failed while applying the removal of {remove} ({type(exc).__name__}: {exc}); "
             "the model was restored as it was"

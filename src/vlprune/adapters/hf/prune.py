@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -37,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from vlprune.adapters.hf.families import describe
 from vlprune.adapters.hf.sync import sync_hf_model
+from vlprune.adapters.hf.undo import ModelUndo, restore_on_failure
 from vlprune.adapters.torch_pruning import _OUT_FNS, _matches, call_importance, check_ratio
 from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.plugins.capture import first_tensor
@@ -252,35 +252,14 @@ def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return out
 
 
-def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]:
-    """What tp pruning changes, by reference: module attributes, parameter and buffer dicts.
-
-    Torch-Pruning replaces parameters by new ones instead of editing them, so keeping the old
-    objects is enough to undo a prune (parameter identity is preserved too)."""
-    snap = []
-    for module in model.modules():
-        attrs = {k: v for k, v in module.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")}
-        if hasattr(module, "config") and hasattr(module.config, "to_dict"):
-            attrs["__config_state__"] = copy.deepcopy(module.config.__dict__)
-        snap.append((module, attrs, dict(module._parameters), dict(module._buffers)))
-    return snap
+def _snapshot(model: nn.Module) -> ModelUndo:
+    """What a failed prune must undo (kept importable for existing code; :class:`ModelUndo`)."""
+    return ModelUndo(model)
 
 
-def _restore(snap: list[tuple[nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]]) -> None:
-    for module, attrs, params, buffers in snap:
-        config_state = attrs.pop("__config_state__", None)
-        for key in [k for k in module.__dict__ if k not in ("_modules", "_parameters", "_buffers")]:
-            if key not in attrs:
-                del module.__dict__[key]
-        module.__dict__.update(attrs)
-        module._parameters.clear()
-        module._parameters.update(params)
-        module._buffers.clear()
-        module._buffers.update(buffers)
-        if config_state is not None:
-            module.config.__dict__.clear()
-            module.config.__dict__.update(config_state)
-            attrs["__config_state__"] = config_state
+def _restore(snap: ModelUndo) -> None:
+    """Undo to ``snap`` (kept importable for existing code; :meth:`ModelUndo.restore`)."""
+    snap.restore()
 
 
 class _FloorWrapper(tp.importance.Importance):
@@ -472,7 +451,8 @@ def prune_hf_model(
 
     Builds ``tp.pruner.BasePruner`` with :func:`hf_pruner_kwargs`, runs one ``step()``, then
     :func:`vlprune.adapters.hf.sync.sync_hf_model`. If anything fails, the model's modules,
-    parameters (the same objects) and config are restored before the error propagates.
+    parameters (the same objects, with their values) and configs (the same objects, sub-configs
+    included) are restored before the error propagates (:mod:`vlprune.adapters.hf.undo`).
 
     Floors keep the removed fraction growing with the ratio: Torch-Pruning 1.6 skips a layer it
     would empty (and prunes nothing there), so without them a higher ratio can remove *less*.
@@ -550,8 +530,7 @@ def prune_hf_model(
         importance = KeepNeurons(importance, roots, min_neurons=min_neurons)
         floors.update({m: min_neurons for m in roots})
     asked = pruning_ratio > 0 or head_ratio > 0 or any(r > 0 for r in (pruning_ratio_dict or {}).values())
-    snap = _snapshot(model)
-    try:
+    with restore_on_failure(model):
         pruner = tp.pruner.BasePruner(
             model,
             example_inputs,
@@ -582,6 +561,3 @@ def prune_hf_model(
                 "the ratio"
             )
         return sync_hf_model(model, pruner=pruner)
-    except BaseException:
-        _restore(snap)
-        raise

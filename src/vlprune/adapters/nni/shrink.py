@@ -65,7 +65,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import difflib
 import logging
 from collections.abc import Iterable, Mapping
@@ -380,53 +379,6 @@ def _zeros_left(keep: dict[str, dict[str, torch.Tensor]], plan: _Plan) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _configs(model: nn.Module) -> list[Any]:
-    from transformers import PretrainedConfig
-
-    seen: dict[int, Any] = {}
-    stack = [getattr(m, "config", None) for m in model.modules()]
-    while stack:
-        cfg = stack.pop()
-        if isinstance(cfg, PretrainedConfig) and id(cfg) not in seen:
-            seen[id(cfg)] = cfg
-            stack.extend(v for v in cfg.__dict__.values() if isinstance(v, PretrainedConfig))
-    return list(seen.values())
-
-
-class _Undo:
-    """Everything shrink changes, by reference: module attributes and parameter / buffer / child
-    dicts, each parameter's data tensor, and every config's fields (each config object kept, so
-    sub-config identity survives a restore)."""
-
-    _SKIP = ("_modules", "_parameters", "_buffers")
-
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [
-            (m, {k: v for k, v in m.__dict__.items() if k not in self._SKIP},
-             dict(m._parameters), dict(m._buffers), dict(m._modules))
-            for m in model.modules()
-        ]
-        self.data = [(p, p.data) for p in {id(p): p for p in model.parameters()}.values()]
-        self.configs = [
-            (cfg, {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in cfg.__dict__.items()})
-            for cfg in _configs(model)
-        ]
-
-    def restore(self) -> None:
-        for module, attrs, params, buffers, children in self.modules:
-            for key in [k for k in module.__dict__ if k not in self._SKIP and k not in attrs]:
-                del module.__dict__[key]
-            module.__dict__.update(attrs)
-            for store, saved in ((module._parameters, params), (module._buffers, buffers), (module._modules, children)):
-                store.clear()
-                store.update(saved)
-        for param, data in self.data:
-            param.data = data
-        for cfg, state in self.configs:
-            cfg.__dict__.clear()
-            cfg.__dict__.update(state)
-
-
 # ------------------------------------------------------------------------------------------------
 # running and comparing
 # ------------------------------------------------------------------------------------------------
@@ -669,6 +621,7 @@ def shrink(
     from vlprune.adapters.hf.families import describe
     from vlprune.adapters.hf.layers import remove_layers
     from vlprune.adapters.hf.sync import sync_hf_model
+    from vlprune.adapters.hf.undo import restore_on_failure
 
     _check_unwrapped(model)
     keep = _read_masks(model, masks)
@@ -683,57 +636,55 @@ def shrink(
             "shrink: %d of the %d masked weights switch off no whole neuron, head or layer; they stay as zeros "
             "in the shrunk model (use granularity='out_channel' on the MLPs' first linears and whole-head masks "
             "on q/k/v for masks that shrink)", zeros_left, total)
-    undo = _Undo(model)
     try:
-        _apply_masks(model, keep)
-        check = verify and example_inputs is not None
-        reference = _tensors(_forward(model, example_inputs)) if check else {}
-        modules = dict(model.named_modules())  # the paths the plan uses: before any layer goes
-        if plan.layers:
-            remove_layers(model, list(plan.layers))
-            report.layers = tuple(plan.layers)
-        steps: list[tuple[str, nn.Module, list[nn.Module]]] = []
-        for mlp, _ in plan.mlps:
-            root = mlp.up if mlp.up in plan.out_rows else mlp.gate
-            steps.append(("mlp", modules[root], [modules[p] for p in (mlp.up, mlp.gate, mlp.down) if p]))
-        for att, _, _ in plan.attentions:
-            kind = "gqa" if att.num_kv_heads != att.num_heads else "mha"
-            steps.append((kind, modules[att.q], [modules[p] for p in (att.q, att.k, att.v, att.o)]))
-        if steps:
-            out_rows = {modules[p]: idxs for p, idxs in plan.out_rows.items()}
-            in_cols = {modules[p]: idxs for p, idxs in plan.in_cols.items()}
-            names = {m: n for n, m in modules.items()}
-            dg = _dependency_graph(model, example_inputs) if example_inputs is not None else None
-            for kind, root, members in tqdm(steps, desc="shrink", disable=not progress, leave=False):
-                if dg is None or kind == "gqa":
-                    # tp cannot map query rows to key/value rows through repeat_kv: the layout decides
-                    _prune_direct(members, out_rows, in_cols)
-                else:
-                    _prune_group(dg, root, out_rows, in_cols, names, members)
-            sync_hf_model(model, pruned="heads")
-        for mlp, idxs in plan.mlps:
-            for path in (mlp.up, mlp.gate):
-                if path:
-                    report.channels[path] = len(idxs)
-        for att, q_heads, _ in plan.attentions:
-            report.heads[att.name] = tuple(q_heads)
-            report.channels[att.q] = len(plan.out_rows[att.q])
-            for path in dict.fromkeys((att.k, att.v)):
-                report.channels[path] = len(plan.out_rows[path])
-        if check:
-            problem = _compare(reference, _tensors(_forward(model, example_inputs)))
-            if problem:
-                raise ModelStructureError(
-                    f"the shrunk model does not compute what the masked model computes ({problem}); the model is "
-                    "left as it was. Likely an activation with act(0) != 0 or a block structure shrink does not "
-                    "know; apply the masks (multiply the weights) instead of shrinking"
-                )
-            report.verified = True
+        with restore_on_failure(model):
+            _apply_masks(model, keep)
+            check = verify and example_inputs is not None
+            reference = _tensors(_forward(model, example_inputs)) if check else {}
+            modules = dict(model.named_modules())  # the paths the plan uses: before any layer goes
+            if plan.layers:
+                remove_layers(model, list(plan.layers))
+                report.layers = tuple(plan.layers)
+            steps: list[tuple[str, nn.Module, list[nn.Module]]] = []
+            for mlp, _ in plan.mlps:
+                root = mlp.up if mlp.up in plan.out_rows else mlp.gate
+                steps.append(("mlp", modules[root], [modules[p] for p in (mlp.up, mlp.gate, mlp.down) if p]))
+            for att, _, _ in plan.attentions:
+                kind = "gqa" if att.num_kv_heads != att.num_heads else "mha"
+                steps.append((kind, modules[att.q], [modules[p] for p in (att.q, att.k, att.v, att.o)]))
+            if steps:
+                out_rows = {modules[p]: idxs for p, idxs in plan.out_rows.items()}
+                in_cols = {modules[p]: idxs for p, idxs in plan.in_cols.items()}
+                names = {m: n for n, m in modules.items()}
+                dg = _dependency_graph(model, example_inputs) if example_inputs is not None else None
+                for kind, root, members in tqdm(steps, desc="shrink", disable=not progress, leave=False):
+                    if dg is None or kind == "gqa":
+                        # tp cannot map query rows to key/value rows through repeat_kv: the layout decides
+                        _prune_direct(members, out_rows, in_cols)
+                    else:
+                        _prune_group(dg, root, out_rows, in_cols, names, members)
+                sync_hf_model(model, pruned="heads")
+            for mlp, idxs in plan.mlps:
+                for path in (mlp.up, mlp.gate):
+                    if path:
+                        report.channels[path] = len(idxs)
+            for att, q_heads, _ in plan.attentions:
+                report.heads[att.name] = tuple(q_heads)
+                report.channels[att.q] = len(plan.out_rows[att.q])
+                for path in dict.fromkeys((att.k, att.v)):
+                    report.channels[path] = len(plan.out_rows[path])
+            if check:
+                problem = _compare(reference, _tensors(_forward(model, example_inputs)))
+                if problem:
+                    raise ModelStructureError(
+                        f"the shrunk model does not compute what the masked model computes ({problem}); the model is "
+                        "left as it was. Likely an activation with act(0) != 0 or a block structure shrink does not "
+                        "know; apply the masks (multiply the weights) instead of shrinking"
+                    )
+                report.verified = True
     except VLPruneError:
-        undo.restore()
         raise
     except Exception as exc:
-        undo.restore()
         raise VLPruneError(f"shrink failed ({type(exc).__name__}: {exc}); the model is left as it was") from exc
     report.params_after = _param_count(model)
     logger.info("shrink: %s", report.summary())
