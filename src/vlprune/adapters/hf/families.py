@@ -60,7 +60,7 @@ from typing import Literal
 from torch import nn
 
 from vlprune.errors import ModelStructureError
-from vlprune.plugins.structure import MLPLayout, join, linear_child, mlp_layouts
+from vlprune.plugins.structure import MLPLayout, find_decoder_layers, join, linear_child, mlp_layouts
 
 __all__ = [
     "Modality",
@@ -147,7 +147,9 @@ class FamilyRule:
         model_types: ``config.model_type`` values it applies to.
         modalities: (glob pattern on the full module path, modality) pairs; the first match wins.
         heads: glob patterns of output heads / projections (usually neither pruned nor profiled).
-        decoder: glob pattern of the language-model decoder layers (for layer removal), or "".
+        decoder: glob on full module paths of the language-model decoder layers (the elements of
+            ``nn.ModuleList`` s it matches, outermost only: see
+            :func:`vlprune.plugins.structure.find_decoder_layers`), or "".
         match: optional extra test on the model (class, structure) for models whose
             ``model_type`` is not listed.
 
@@ -297,7 +299,9 @@ class FamilyInfo:
         heads: output heads / projections (usually neither pruned nor profiled).
         attentions: the attention modules (none whose q/k/v are heads).
         mlps: the MLPs (none whose up or down linear is a head).
-        decoder_layers: language-model decoder layer paths (empty if none).
+        decoder_layers: language-model decoder layer paths (empty if none), as
+            :func:`vlprune.plugins.structure.find_decoder_layers` finds them with the rule's
+            ``decoder`` glob (the layers the layer criteria score and ``remove_layers`` indexes).
     """
 
     family: str
@@ -609,7 +613,8 @@ def describe(model: nn.Module, rules: Sequence[FamilyRule] | None = None) -> Fam
     attentions = [a for a in find_attentions(model, modality_of) if not {a.q, a.k, a.v} <= head_set]
     mlps = [m for m in find_mlps(model, modality_of) if m.up not in head_set and m.down not in head_set]
     blocks = {b: modality_of(b) for b in _find_blocks(model, [a.name for a in attentions])}
-    decoder = tuple(b for b in blocks if rule is not None and rule.decoder and fnmatch.fnmatchcase(b, rule.decoder))
+    # the one decoder finder (layer criteria and remove_layers use it too), given this rule's glob
+    decoder = tuple(find_decoder_layers(model, rule.decoder)) if rule is not None and rule.decoder else ()
     info = FamilyInfo(
         family=rule.name if rule is not None else "generic",
         blocks=blocks,
