@@ -18,7 +18,7 @@ import vlprune.adapters.hf.sync as sync_mod
 from vlprune.adapters.hf.layers import remove_layers
 from vlprune.adapters.hf.prune import prune_hf_model
 from vlprune.adapters.hf.undo import ModelUndo, restore_on_failure
-from vlprune.adapters.nni.shrink import head_masks, shrink
+from vlprune.adapters.nni.speedup import head_masks, shrink
 from vlprune.errors import VLPruneError
 from vlprune.testbed.tiny import example_inputs, tiny_model
 

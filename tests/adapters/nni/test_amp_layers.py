@@ -375,9 +375,9 @@ def test_layer_pruner_bad_input_raises_and_leaves_the_model(
 
 
 def test_shrink_removes_the_masked_layers_if_available(llava_deep: dict[str, Any]) -> None:
-    shrink_mod = pytest.importorskip("vlprune.adapters.nni.shrink")
+    shrink_mod = pytest.importorskip("vlprune.adapters.nni.speedup")
     if not hasattr(shrink_mod, "shrink"):
-        pytest.skip("vlprune.adapters.nni.shrink.shrink not there yet")
+        pytest.skip("vlprune.adapters.nni.speedup.shrink not there yet")
     model = copy.deepcopy(llava_deep["model"])
     pruner = LayerSimilarityPruner(model, llava_deep["data"], 2, strategy="spacing", progress=False)
     _, masks = pruner.compress()

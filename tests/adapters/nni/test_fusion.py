@@ -14,11 +14,11 @@ import nni  # noqa: E402
 import torch  # noqa: E402
 from nni.compression import TorchEvaluator  # noqa: E402
 from nni.compression.distillation import DynamicLayerwiseDistiller  # noqa: E402
-from nni.compression.pruning import AGPPruner  # noqa: E402
+from nni.compression.pruning import AGPPruner, LinearPruner  # noqa: E402
 
 from vlprune.adapters.nni.amp_layers import AMPPruner  # noqa: E402
 from vlprune.adapters.nni.pruners import IDWeightedPruner, PlatonPruner  # noqa: E402
-from vlprune.adapters.nni.shrink import shrink  # noqa: E402
+from vlprune.adapters.nni.speedup import shrink  # noqa: E402
 from vlprune.plugins.intrinsic_dim import IDProfile, LayerID  # noqa: E402
 from vlprune.testbed import batches, example_inputs, load  # noqa: E402
 
@@ -62,7 +62,7 @@ def _masked_rows(masks):
     return {name: int((m["weight"].flatten(1).sum(1) == 0).sum()) for name, m in masks.items()}
 
 
-@pytest.mark.parametrize("kind", ["id_l1", "id_taylor_agp", "platon", "amp"])
+@pytest.mark.parametrize("kind", ["id_l1", "id_l1_linear", "id_taylor_agp", "platon", "amp"])
 def test_pruner_fused_with_distiller_prunes_distils_and_shrinks(kind, clip_data) -> None:
     torch.manual_seed(0)
     model = load("clip")
@@ -74,6 +74,9 @@ def test_pruner_fused_with_distiller_prunes_distils_and_shrinks(kind, clip_data)
     profile = IDProfile(layers={n: LayerID(n, 4.0 + i, 100, 384) for i, n in enumerate(names)})
     if kind == "id_l1":
         pruner = IDWeightedPruner(model, config, profile, base="l1", evaluator=evaluator)
+    elif kind == "id_l1_linear":  # the scheduler drives the masks: its last goal (the full ratio) is reached
+        inner = IDWeightedPruner(model, config, profile, base="l1", evaluator=evaluator)
+        pruner = LinearPruner(inner, interval_steps=2, total_times=3)
     elif kind == "id_taylor_agp":
         inner = IDWeightedPruner(model, config, profile, base="taylor", evaluator=evaluator, training_steps=2)
         pruner = AGPPruner(inner, interval_steps=2, total_times=3)

@@ -1,7 +1,7 @@
 """Undo an in-place model edit that failed half-way: :class:`ModelUndo`, :func:`restore_on_failure`.
 
 vlprune's model edits (:func:`~vlprune.adapters.hf.prune.prune_hf_model`,
-:func:`~vlprune.adapters.nni.shrink.shrink`, :func:`~vlprune.adapters.hf.layers.remove_layers`)
+:func:`~vlprune.adapters.nni.speedup.shrink`, :func:`~vlprune.adapters.hf.layers.remove_layers`)
 promise that a failure leaves the model exactly as it was. They all undo with this one snapshot,
 which keeps references rather than copies (no tensor is copied, so it costs a walk over the
 modules, not the model's memory):
@@ -12,7 +12,7 @@ modules, not the model's memory):
   their old contents), so a module gets back the very child modules, ``Parameter`` objects and
   buffers it had (Torch-Pruning replaces a pruned parameter by a new one);
 - every parameter's and buffer's ``.data`` (and a parameter's ``.grad`` and ``requires_grad``),
-  so an edit that assigns ``param.data = ...`` (as :func:`~vlprune.adapters.nni.shrink.shrink`
+  so an edit that assigns ``param.data = ...`` (as :func:`~vlprune.adapters.nni.speedup.shrink`
   applies masks) is undone and the parameter stays the same object;
 - every transformers config reachable from the modules (``config``, its sub-configs such as
   ``text_config`` / ``vision_config``, ``generation_config``): each config object keeps its

@@ -18,7 +18,7 @@ Both classes subclass NNI's own :class:`nni.compression.pruning.L1NormPruner` an
   :func:`~vlprune.plugins.layer_selection.select_layers`), masked as whole layers: every attention
   output projection and MLP down projection of a chosen layer is fully masked (``sparse_ratio`` 1.0),
   so the layer adds nothing to the residual stream and the masked model computes what the model with
-  those layers removed computes. :func:`vlprune.adapters.nni.shrink.shrink` then removes them.
+  those layers removed computes. :func:`vlprune.adapters.nni.speedup.shrink` then removes them.
 
 NNI's rounding (checked, and fenced): NNI masks ``int(n * sparse_ratio)`` channels of a target with
 ``n`` channels. ``1 - k / n`` written as a float often gives ``n - k - 1`` after ``int()`` (e.g.
@@ -55,7 +55,7 @@ import torch
 from nni.compression.pruning import L1NormPruner
 from torch import nn
 
-from vlprune.adapters.nni.config import check_config_list, select_modules
+from vlprune.adapters.nni.config import OneShotInFusion, check_config_list, select_modules
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins import amp
 from vlprune.plugins import layer_similarity as ls
@@ -140,9 +140,6 @@ def _init_nni(pruner: L1NormPruner, model: nn.Module, config_list: list[dict[str
     wrappers it placed are taken off again so the model is as it was."""
     try:
         L1NormPruner.__init__(pruner, model, config_list, evaluator, dict(existed_wrappers) if existed_wrappers else None)
-        # one-shot criteria: inside an NNI fusion (from_compressor + an evaluator) the masks are
-        # generated at the first optimizer step (NNI's default, False, would never generate them)
-        pruner.first_step_gen = True
     except Exception:
         for wrapper in getattr(pruner, "_module_wrappers", {}).values():
             if getattr(wrapper.module, "_nni_wrapper", None) is wrapper:
@@ -236,7 +233,7 @@ def _check_delta_e(delta_e: Any, needed: bool) -> float | None:
     return float(delta_e)
 
 
-class AMPPruner(L1NormPruner):
+class AMPPruner(OneShotInFusion, L1NormPruner):
     """AMP (Shen et al., 2026) as an NNI 3.0 pruner: entropy Taylor importance of MLP hidden
     neurons and, unless a ``config_list`` is given, the adaptive per-MLP widths.
 
@@ -255,7 +252,7 @@ class AMPPruner(L1NormPruner):
     global ranking across MLPs pass ``rank=False``: raw Taylor scores).
 
     One-shot: call ``compress()`` with no training arguments. Hooks go on ``wrapper.module``; call
-    ``unwrap_model()`` before saving; :func:`vlprune.adapters.nni.shrink.shrink` makes the masked
+    ``unwrap_model()`` before saving; :func:`vlprune.adapters.nni.speedup.shrink` makes the masked
     model physically smaller.
 
     Args:
@@ -506,7 +503,7 @@ def layer_config_list(model: nn.Module, layers: Sequence[str]) -> list[dict[str,
     return [{"op_names": _layer_outputs(model, layer), "sparse_ratio": 1.0} for layer in layers]
 
 
-class LayerSimilarityPruner(L1NormPruner):
+class LayerSimilarityPruner(OneShotInFusion, L1NormPruner):
     """Domain-aware decoder-layer removal (Khaki et al., 2026) as an NNI 3.0 pruner.
 
     At construction (before NNI wraps the model): the per-domain similarity profiles
@@ -518,7 +515,7 @@ class LayerSimilarityPruner(L1NormPruner):
     (:func:`layer_config_list`) masks each chosen layer's attention output projection(s) and MLP
     down projection completely, so after ``compress()`` the layer passes its residual input through
     unchanged: the masked model's (uncached) outputs equal those of the model with the layers
-    removed (:func:`vlprune.remove_layers`), which :func:`vlprune.adapters.nni.shrink.shrink` does.
+    removed (:func:`vlprune.remove_layers`), which :func:`vlprune.adapters.nni.speedup.shrink` does.
 
     The metric of a target is the negated removability of its layer (constant over its channels;
     with ``sparse_ratio`` 1.0 every channel is masked whatever the metric).

@@ -242,3 +242,23 @@ def check_config_list(model: nn.Module, config_list: Sequence[Mapping[str, Any]]
                 f"{' (and some none)' if None in ratios else ''}; a group is pruned to one ratio, so give every "
                 "entry of the group the same sparse_ratio (per-layer limits go in max_sparse_ratio)"
             )
+
+
+class OneShotInFusion:
+    """Mixin for one-shot NNI pruners (NNI's ``_NormPruner`` family) that fences an NNI 3.0 bug.
+
+    Inside a fusion (``DynamicLayerwiseDistiller.from_compressor(pruner, ...)`` + an evaluator) a bare
+    one-shot pruner has ``interval_steps == -1`` and NNI generates its masks only when
+    ``first_step_gen`` is set, which defaults to False: the fused pruner never prunes. Under NNI's
+    ``AGPPruner`` / ``LinearPruner`` the scheduler sets ``interval_steps`` and drives the masks itself, and
+    an extra first-step generation would shift its cycle (the last sparsity goal would never be
+    applied). So masks come at the first optimizer step exactly when no scheduler drives the pruner.
+    """
+
+    interval_steps: int
+    first_step_gen: bool
+
+    def _fuse_preprocess(self, evaluator: Any) -> None:
+        self.first_step_gen = self.interval_steps == -1
+        super()._fuse_preprocess(evaluator)  # type: ignore[misc]
+

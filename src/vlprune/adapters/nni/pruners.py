@@ -54,7 +54,7 @@ from nni.compression.pruning.tools import generate_sparsity, is_active_target, n
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from vlprune.adapters.nni.config import check_config_list, select_modules
+from vlprune.adapters.nni.config import OneShotInFusion, check_config_list, select_modules
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins.id_weighted import id_weight
 from vlprune.plugins.intrinsic_dim import IDProfile
@@ -338,9 +338,6 @@ class IDWeightedPruner(Pruner):
         else:
             self.p = 1 if base == "l1" else 2
             _guarded_init(self, super().__init__, model, config_list, evaluator, existed_wrappers)
-            # NNI fence: a one-shot norm pruner inside a fusion (from_compressor + an evaluator) generates
-            # masks only when first_step_gen is set; NNI's default (False) never prunes there
-            self.first_step_gen = True
 
     @classmethod
     def from_compressor(  # type: ignore[override]
@@ -370,7 +367,7 @@ class IDWeightedPruner(Pruner):
         return self._calculate_metrics(self._collect_data())
 
 
-class _IDWeightedNormPruner(IDWeightedPruner, _NormPruner):
+class _IDWeightedNormPruner(OneShotInFusion, IDWeightedPruner, _NormPruner):
     """IDWeightedPruner with base l1 / l2 (an NNI ``_NormPruner``)."""
 
 

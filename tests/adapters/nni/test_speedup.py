@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 
 from vlprune.adapters.hf.families import describe  # noqa: E402
 from vlprune.adapters.hf.persist import load_pruned, save_pruned  # noqa: E402
-from vlprune.adapters.nni.shrink import ShrinkReport, head_masks, shrink  # noqa: E402
+from vlprune.adapters.nni.speedup import ShrinkReport, head_masks, shrink  # noqa: E402
 from vlprune.errors import DataError, ModelStructureError, VLPruneError  # noqa: E402
 from vlprune.testbed.tiny import example_inputs, tiny_model  # noqa: E402
 
@@ -292,7 +292,7 @@ def test_blip_text_decoder_layer_masks_are_kept_as_zeros(caplog: pytest.LogCaptu
         [m.down for m in info.mlps if m.up.startswith(prefix)]
     masks = {name: zero_mask(model.get_submodule(name)) for name in outs}
     reference = run(masked_copy(model, masks), inputs)
-    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.shrink"):
+    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.speedup"):
         report = shrink(model, masks, inputs, progress=False)
     assert report.layers == () and len(model.text_decoder.bert.encoder.layer) == 2
     assert report.zeros_left == sum(int(m["weight"].numel() + m["bias"].numel()) for m in masks.values())
@@ -309,7 +309,7 @@ def test_fine_grained_masks_are_applied_and_reported(caplog: pytest.LogCaptureFi
     pruner.unwrap_model()
     reference = run(masked_copy(model, masks), inputs)
     params = sum(p.numel() for p in model.parameters())
-    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.shrink"):
+    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.speedup"):
         report = shrink(model, masks, inputs, progress=False)
     zeros = sum(int((t == 0).sum()) for m in masks.values() for t in m.values() if t is not None)
     assert report.zeros_left == zeros > 0 and report.params_after == params
@@ -401,7 +401,7 @@ def test_an_emptied_mlp_or_attention_keeps_its_width_with_zeros(caplog: pytest.L
     masks[full_mlp.up] = zero_mask(model.get_submodule(full_mlp.up))
     masks.update({p: zero_mask(model.get_submodule(p)) for p in (full_att.q, full_att.k, full_att.v)})
     reference = run(masked_copy(model, masks), inputs)
-    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.shrink"):
+    with caplog.at_level(logging.WARNING, logger="vlprune.adapters.nni.speedup"):
         report = shrink(model, masks, inputs, progress=False)
     assert_same_outputs(reference, run(model, inputs))
     assert f"all 64 neurons of the MLP {full_mlp.name}" in caplog.text

@@ -339,7 +339,7 @@ def _plan(model: nn.Module, keep: dict[str, dict[str, torch.Tensor]], info: Any)
                 f"{q_heads} in {att.q}, key heads {k_heads} in {att.k}, value heads {v_heads} in {att.v}; a head "
                 "can only be removed from all three at once. Mask q, k and v of one attention together (NNI: "
                 f"granularity=[{d}, -1] and the same dependency_group_id for the three; or build the masks with "
-                "vlprune.adapters.nni.shrink.head_masks(model, {attention: heads}), which grouped-query attention needs)"
+                "vlprune.adapters.nni.speedup.head_masks(model, {attention: heads}), which grouped-query attention needs)"
             )
         if len(q_heads) >= H:
             logger.warning(
