@@ -434,13 +434,17 @@ def test_select_consecutive_and_run() -> None:
 
 def test_select_regime() -> None:
     flat = torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0])  # 7 removable layers
-    # default switch: floor(0.25 * 7) = 1 -> rank for k = 1, spacing above (runs as short as possible past 4)
+    # default switch: floor(7 / 3) = 2 -> rank for k <= 2, spacing above (runs as short as possible past 4)
     assert ls.select_layers(flat, 1, "regime") == [1]
-    assert ls.select_layers(flat, 2, "regime") == ls.select_layers(flat, 2, "spacing") != ls.select_layers(flat, 2, "rank")
+    assert ls.select_layers(flat, 2, "regime") == ls.select_layers(flat, 2, "rank") == [1, 2]
+    assert ls.select_layers(flat, 3, "regime") == ls.select_layers(flat, 3, "spacing") != ls.select_layers(flat, 3, "rank")
     assert ls.select_layers(flat, 2, "regime", regime_switch=2) == [1, 2]
     assert ls.select_layers(flat, 3, "regime", regime_switch=0.5) == [1, 2, 3]
     assert ls.select_layers(flat, 5, "regime") == ls.select_layers(flat, 5, "spacing") != ls.select_layers(flat, 5, "rank")
-    assert ls.DEFAULT_REGIME_SWITCH == 0.25
+    assert ls.DEFAULT_REGIME_SWITCH == pytest.approx(1 / 3)
+    # the sweep's 6 removable layers: rank at k = 1, 2, spacing from 3
+    six = torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0])
+    assert ls.select_layers(six, 2, "regime") == [1, 2] and ls.select_layers(six, 3, "regime") == ls.select_layers(six, 3, "spacing")
 
 
 @pytest.mark.parametrize(
