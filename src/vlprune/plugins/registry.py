@@ -47,6 +47,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "vlprune.plugins.platon",
     "vlprune.plugins.amp",
     "vlprune.plugins.layer_similarity",
+    "vlprune.plugins.token_diversity",
 )
 
 #: every adapter vlprune knows, in the column order of ``vlprune list``: the framework bridges
