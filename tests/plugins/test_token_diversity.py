@@ -144,6 +144,12 @@ def test_mask_excludes_padding_and_matches_the_unpadded_rows() -> None:
     assert idx.shape == (2, 15)
     assert idx[0].tolist() == divprune_select(rows[0], 15).tolist()
     assert idx[1, :9].tolist() == divprune_select(rows[1], 9).tolist() and idx[1, 9:].tolist() == [-1] * 6
+    # padding is nobody's nearest neighbour: three tokens >= 2 rad apart (cosine distance > 1) and
+    # zero padding (distance 1 to all) -- the first token is still the one farthest from the others
+    wide = torch.zeros(1, 5, 2)
+    wide[0, :3] = circle([0.0, 2.0, 4.1])
+    assert divprune_select(wide[0, :3], 1).tolist() == [2]
+    assert divprune_select(wide, 1, mask=torch.tensor([[True, True, True, False, False]])).tolist() == [[2]]
     # an all-True mask is the unmasked call
     assert divprune_select(x[:1], 5, mask=torch.ones(1, 30, dtype=torch.bool)).tolist() == divprune_select(x[:1], 5).tolist()
 
@@ -225,6 +231,11 @@ def test_fastv_never_keeps_text_tokens_and_breaks_ties_by_position() -> None:
     # one head attends image token 5 strongly: the head average picks it
     attn[0, 1, 0, 5] = 0.5
     assert fastv_select(attn, range(2, 6), 2).tolist() == [[2, 5]]
+    # the mean over heads, not the max: 0.3 from one head loses to 0.2 from two of three heads
+    attn = torch.zeros(1, 3, 1, 6)
+    attn[0, 0, 0, 3] = 0.3
+    attn[0, 1:, 0, 4] = 0.2
+    assert fastv_select(attn, range(2, 6), 1).tolist() == [[4]]
 
 
 def test_fastv_per_row_image_masks_pad_with_minus_one() -> None:
