@@ -12,6 +12,7 @@ from vlprune.errors import DataError, VLPruneError
 from vlprune.plugins.token_diversity import (
     cosine_distances,
     divprune_select,
+    max_min_greedy,
     fastv_select,
     keep_count,
     random_select,
@@ -60,6 +61,11 @@ def test_points_on_a_circle_hand_computed(m: int) -> None:
     # cosine distance ignores the norm: scaled tokens give the same choice
     scaled = circle(CIRCLE) * torch.tensor([[1.0], [5.0], [0.1], [3.0], [2.0], [0.7]])
     assert divprune_select(scaled, m).tolist() == sorted(CIRCLE_ORDER[:m])
+
+
+def test_greedy_selection_order_on_the_circle() -> None:
+    dist = cosine_distances(circle(CIRCLE).unsqueeze(0))
+    assert max_min_greedy(dist, 6).tolist() == [CIRCLE_ORDER]
 
 
 @pytest.mark.parametrize("seed,n,d,m", [(0, 40, 8, 10), (1, 64, 16, 63), (2, 30, 3, 15), (3, 50, 32, 1), (4, 25, 5, 25)])

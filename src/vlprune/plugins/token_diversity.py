@@ -58,6 +58,7 @@ __all__ = [
     "keep_count",
     "cosine_distances",
     "divprune_select",
+    "max_min_greedy",
     "fastv_scores",
     "fastv_select",
     "random_select",
@@ -187,11 +188,22 @@ def cosine_distances(features: torch.Tensor) -> torch.Tensor:
         [[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]]
     """
     x, unbatched = _features(features)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = F.normalize(x.to(work), dim=-1)
-    dist = (1.0 - torch.bmm(x, x.transpose(1, 2))).clamp_(min=0.0)
-    dist.diagonal(dim1=1, dim2=2).zero_()
+    dist = _distances(*_unit(x))
     return dist[0] if unbatched else dist
+
+
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) features in float32 (float64 kept) and their (B, N, 1) norms."""
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x, torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+def _distances(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) clamped ``1 - cos`` with a zero diagonal from :func:`_unit`'s output."""
+    x = x / norms.clamp_min(1e-12)
+    dist = torch.baddbmm(torch.ones((), dtype=x.dtype, device=x.device), x, x.transpose(1, 2), alpha=-1.0)
+    dist.clamp_(min=0.0).diagonal(dim1=1, dim2=2).zero_()
+    return dist
 
 
 def divprune_select(
@@ -239,36 +251,66 @@ def divprune_select(
     counts = _row_counts(keep, valid, batch, n, "tokens")
     if valid is not None:
         x = x.masked_fill(~valid.unsqueeze(-1), 0)
-    if not bool(torch.isfinite(x).all()):
+    x, norms = _unit(x)
+    if not bool(torch.isfinite(norms).all()):  # a NaN / Inf anywhere in a token makes its norm non-finite
         raise DataError(
             "features contain NaN or Inf"
             + (" in valid tokens" if valid is not None else "")
-            + "; DivPrune needs finite token features (check the model's dtype / overflow upstream)"
+            + " (or a token whose norm overflows float32); DivPrune needs finite token features "
+            "(check the model's dtype / overflow upstream)"
         )
-    m_max = max(counts)
-    dist = cosine_distances(x)  # (B, N, N), float32/64, diagonal 0
-    neg_inf = float("-inf")
-    # the nearest other valid token of every token: exclude the diagonal and the invalid columns
-    dist.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    if valid is not None:
-        nearest = dist.masked_fill(~valid.unsqueeze(1), float("inf")).amin(dim=-1)
-        score = nearest.masked_fill_(~valid, neg_inf)
-    else:
-        score = dist.amin(dim=-1)
-    rows = torch.arange(batch, device=x.device)
-    chosen = torch.empty(batch, m_max, dtype=torch.long, device=x.device)
-    for step in tqdm(range(m_max), desc="DivPrune", disable=not progress, leave=False):
-        idx = score.argmax(dim=-1)  # first maximum: ties to the lowest index
-        chosen[:, step] = idx
-        row = dist[rows, idx]  # (B, N) distances to the token just selected
-        if step == 0:
-            score = row if valid is None else row.masked_fill_(~valid, neg_inf)
-        else:
-            torch.minimum(score, row, out=score)
-        score[rows, idx] = neg_inf  # never selected twice (the diagonal is +inf, so set it here)
+    chosen = max_min_greedy(_distances(x, norms), max(counts), valid, progress=progress)
     out = _sorted_padded(chosen, counts, n)
     logger.debug("DivPrune kept %s of %d tokens per row", counts if len(set(counts)) > 1 else counts[0], n)
     return out[0] if unbatched else out
+
+
+def max_min_greedy(
+    dist: torch.Tensor, m: int, valid: torch.Tensor | None = None, *, progress: bool = False
+) -> torch.Tensor:
+    """DivPrune's greedy on a distance matrix (the part :func:`divprune_select` runs after
+    :func:`cosine_distances`): O(M N) per row with a running minimum.
+
+    Args:
+        dist: (B, N, N) float distances, zero diagonal (overwritten: pass a copy to keep it).
+        m: tokens to select per row (at most each row's valid count).
+        valid: optional (B, N) bool mask of the tokens that may be selected / be nearest neighbours.
+        progress: show a tqdm bar over the steps.
+
+    Returns:
+        (B, m) ``torch.long`` indices in selection order (not sorted).
+
+    Example:
+        >>> max_min_greedy(cosine_distances(torch.eye(3)[None] + 0.1), 2).tolist()
+        [[0, 1]]
+    """
+    batch, n, _ = dist.shape
+    inf = float("inf")
+    # the first token: the farthest nearest other (valid) token
+    dist.diagonal(dim1=1, dim2=2).fill_(inf)
+    if valid is not None:
+        nearest = dist.masked_fill(~valid.unsqueeze(1), inf).amin(dim=-1).masked_fill_(~valid, -inf)
+    else:
+        nearest = dist.amin(dim=-1)
+    # from now on the diagonal is -inf: the running minimum of a selected token drops to -inf as it
+    # is selected, so it is never selected twice, without a separate bookkeeping step
+    dist.diagonal(dim1=1, dim2=2).fill_(-inf)
+    flat = dist.view(batch * n, n)
+    offsets = torch.arange(batch, device=dist.device) * n if batch > 1 else None
+
+    def row_of(idx: torch.Tensor) -> torch.Tensor:  # (B, N) distances of each row's token idx
+        return flat.index_select(0, idx if offsets is None else idx + offsets)
+
+    idx = nearest.argmax(dim=-1)  # first maximum: ties to the lowest index
+    picked = [idx]
+    score = row_of(idx)  # running min over the selected set (a fresh tensor)
+    if valid is not None:
+        score.masked_fill_(~valid, -inf)
+    for _ in tqdm(range(1, m), desc="DivPrune", disable=not progress, leave=False):
+        idx = score.argmax(dim=-1)
+        picked.append(idx)
+        torch.minimum(score, row_of(idx), out=score)
+    return torch.stack(picked, dim=1)
 
 
 def _image_mask(image: Any, batch: int, t: int, device: torch.device) -> torch.Tensor:
