@@ -289,7 +289,8 @@ def max_min_greedy(
     # the first token: the farthest nearest other (valid) token
     dist.diagonal(dim1=1, dim2=2).fill_(inf)
     if valid is not None:
-        nearest = dist.masked_fill(~valid.unsqueeze(1), inf).amin(dim=-1).masked_fill_(~valid, -inf)
+        # in place: invalid columns stay +inf, harmless later (their running minimum starts at -inf)
+        nearest = dist.masked_fill_(~valid.unsqueeze(1), inf).amin(dim=-1).masked_fill_(~valid, -inf)
     else:
         nearest = dist.amin(dim=-1)
     # from now on the diagonal is -inf: the running minimum of a selected token drops to -inf as it
