@@ -416,3 +416,64 @@ def test_measure_token_pruning_reports_side_by_side() -> None:
     assert all(stats[k] > 0 for k in ("prefill_s_full", "prefill_s_pruned", "generate_s_full", "generate_s_pruned"))
     assert not hasattr(model, "_vlprune_token_pruning")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- other LLaVA-style families -------------------------------------------------------------------
+
+
+def _tiny_llava_next():
+    import transformers as T
+
+    cfg = T.LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100),
+        image_token_index=99, image_grid_pinpoints=[[32, 32]], vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = T.LlavaNextForConditionalGeneration(cfg).eval()
+    pix, sizes = torch.randn(2, 2, 3, 32, 32), torch.tensor([[32, 32]] * 2)  # base image + one tile
+    n_img = model.model.get_image_features(pixel_values=pix, image_sizes=sizes).pooler_output[0].shape[0]
+    ids = torch.cat([torch.full((2, n_img), 99), torch.randint(3, 90, (2, 6))], 1)
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix, image_sizes=sizes), n_img
+
+
+def _tiny_qwen2_vl():
+    import transformers as T
+
+    cfg = T.Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=99, video_token_id=98, vision_start_token_id=97, vision_end_token_id=96,
+    )
+    model = T.Qwen2VLForConditionalGeneration(cfg).eval()
+    n_img = 16  # an 8 x 8 patch grid merged 2 x 2
+    ids = torch.cat([torch.full((2, 1), 97), torch.full((2, n_img), 99), torch.full((2, 1), 96),
+                     torch.randint(3, 90, (2, 6))], 1)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2 * 64, 24),
+                 image_grid_thw=torch.tensor([[1, 8, 8]] * 2), mm_token_type_ids=(ids == 99).long())
+    return model, batch, n_img
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_llava_next_and_qwen2_vl(family: str) -> None:
+    model, batch, n_img = _tiny_llava_next() if family == "llava_next" else _tiny_qwen2_vl()
+    before = model(**batch).logits
+    args = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with prune_visual_tokens(model, "divprune", keep=0.25) as pruner:
+        logits = model(**batch).logits
+        assert pruner.last_kept.shape == (2, logits.shape[1])
+        cached = model.generate(**batch, **args)
+        uncached = model.generate(**batch, use_cache=False, **args)
+    assert logits.shape[1] == batch["input_ids"].shape[1] - (n_img - round(0.25 * n_img))
+    assert torch.equal(cached, uncached)
+    assert torch.equal(model(**batch).logits, before)
+    if family == "qwen2_vl":  # multimodal RoPE: positions are kept as they are
+        with prune_visual_tokens(model, "divprune", keep=0.25, positions="contiguous"):
+            with pytest.raises(VLPruneError, match="multimodal"):
+                model(**batch)
