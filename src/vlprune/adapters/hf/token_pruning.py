@@ -19,7 +19,10 @@ Where tokens are dropped:
   mask and the rotary embeddings keep only the top image tokens. Layers ``< K`` cache the full
   sequence, layers ``>= K`` the shorter one (transformers' ``DynamicCache`` is per layer); during
   decoding the mask of layers ``>= K`` is cut to their cache. FastV needs attention weights, i.e.
-  ``attn_implementation="eager"``.
+  ``attn_implementation="eager"``. Without a cache (``generate(use_cache=False)``) every step is a
+  new prefill, so FastV re-ranks with the newest last token; the input-stage methods select the same
+  tokens at every step (their choice depends on the image features only), so cached and uncached
+  greedy decoding agree.
 
 Position ids (``positions=``): ``"original"`` (kept tokens keep their RoPE positions, as FastV does;
 the default, chosen from the testbed measurement in the docs) or ``"contiguous"`` (positions are
@@ -79,7 +82,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Positions = Literal["original", "contiguous"]
-#: default ``positions=``: the mode that kept quality on the testbed LLaVA (see docs / module docstring)
+#: default ``positions=``: the mode that kept quality on the testbed LLaVA. VQA math / general and
+#: caption CIDEr/10 on 300 test scenes each (unpruned 0.72 / 0.93 / 0.95), DivPrune keeping 2, 4, 8
+#: of the 16 image tokens: original 0.18/0.33/0.27, 0.33/0.50/0.53, 0.60/0.80/0.83; contiguous
+#: 0.20/0.22/0.19, 0.29/0.26/0.27, 0.40/0.34/0.34 (the uniform and random baselines show the same gap)
 DEFAULT_POSITIONS: Positions = "original"
 
 
