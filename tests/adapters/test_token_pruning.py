@@ -16,7 +16,6 @@ from vlprune.adapters.hf.token_pruning import (
     FastV,
     RandomTokens,
     UniformTokens,
-    VisualTokenPruning,
     measure_token_pruning,
     prefill_flops,
     prune_visual_tokens,

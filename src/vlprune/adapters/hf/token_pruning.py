@@ -321,7 +321,7 @@ class _Prefill:
     cut: dict[str, Any] = field(default_factory=dict)  # FastV: per-forward cut kwargs
 
 
-def _dropped_before(keep_idx: torch.Tensor, length: int) -> torch.Tensor:
+def _dropped_before(keep_idx: torch.Tensor) -> torch.Tensor:
     """(B, L') number of dropped positions before each kept position."""
     ranks = torch.arange(keep_idx.shape[1], device=keep_idx.device).unsqueeze(0)
     return keep_idx - ranks
@@ -577,7 +577,7 @@ class VisualTokenPruning:
             pos = pos.expand(b, -1)
             cut = pos.gather(1, keep_idx)
             if self.positions == "contiguous":
-                cut = cut - _dropped_before(keep_idx, pos.shape[1])
+                cut = cut - _dropped_before(keep_idx)
             return cut
         # multimodal RoPE (e.g. (3, B, L)): gather along the last dim
         if self.positions == "contiguous":
