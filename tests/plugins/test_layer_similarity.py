@@ -229,7 +229,7 @@ def test_criteria_are_registered_as_layer_criteria() -> None:
     specs = {s.name: s for s in vlprune.criteria()}
     for name in ("layer_similarity", "block_influence", "angular_distance"):
         assert specs[name].level == "layer" and specs[name].needs == "calibration"
-        assert set(specs[name].adapters) == {"hf_layers"}
+        assert set(specs[name].adapters) == ({"hf_layers", "nni"} if name == "layer_similarity" else {"hf_layers"})
 
 
 def test_vlprune_list_shows_them(capsys) -> None:
