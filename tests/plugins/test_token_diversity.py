@@ -311,3 +311,8 @@ def test_registered_as_token_criteria() -> None:
     x = circle(CIRCLE)
     assert vlprune.get_criterion("divprune", features=x, keep=3).tolist() == sorted(CIRCLE_ORDER[:3])
     assert vlprune.get_criterion("uniform_tokens", n=8, keep=4).tolist() == [0, 2, 4, 6]
+
+
+def test_features_that_require_grad_are_selected_like_detached_ones() -> None:
+    feats = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    assert torch.equal(divprune_select(feats, keep=7), divprune_select(feats.detach(), keep=7))

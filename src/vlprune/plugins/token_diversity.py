@@ -123,6 +123,7 @@ def _features(features: torch.Tensor, name: str = "features") -> tuple[torch.Ten
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
         raise DataError(f"{name} must be a float tensor of shape (tokens, dim) or (batch, tokens, dim), got {shape}")
     unbatched = features.dim() == 2
+    features = features.detach()  # a selection has no gradient; features straight from a model may carry one
     return (features.unsqueeze(0) if unbatched else features), unbatched
 
 
