@@ -10,6 +10,7 @@ Public API (everything a script needs is re-exported here)::
     vlprune.save_pruned(model, "out/"); model = vlprune.load_pruned("out/")
     scores = vlprune.domain_similarity(model, {"math": mb, "general": gb})   # per decoder layer
     vlprune.remove_layers(model, vlprune.select_layers(scores["math"], k=2, strategy="regime"))
+    with vlprune.prune_visual_tokens(model, "divprune", keep=0.1): model.generate(**batch)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ __all__ = [
     "rank_layers",
     "select_layers",
     "select_run",
+    "prune_visual_tokens",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -175,3 +177,18 @@ def load_pruned(directory: Any, **kwargs: Any) -> nn.Module:
     from vlprune.adapters.hf.surgery import load_pruned as _load
 
     return _load(directory, **kwargs)
+
+
+def prune_visual_tokens(model: nn.Module, method: Any = "divprune", keep: Any = None, **kwargs: Any) -> Any:
+    """Prune the visual tokens of a LLaVA-style model at run time (DivPrune, FastV, random, uniform).
+
+    Attached at once; use the result as a context manager or call ``.detach()``. Weights are never
+    changed. See :func:`vlprune.adapters.hf.token_pruning.prune_visual_tokens`.
+
+    Example:
+        >>> with vlprune.prune_visual_tokens(model, "divprune", keep=0.1):   # doctest: +SKIP
+        ...     out = model.generate(**batch)
+    """
+    from vlprune.adapters.hf.token_pruning import prune_visual_tokens as _prune
+
+    return _prune(model, method, keep, **kwargs)
