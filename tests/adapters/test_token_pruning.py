@@ -27,6 +27,17 @@ from vlprune.testbed.tiny import example_inputs, tiny_model
 PAD = 0
 
 
+def _our_hooks(model: torch.nn.Module) -> list[str]:
+    """Modules holding a hook of a VisualTokenPruning (transformers installs hooks of its own)."""
+    from vlprune.adapters.hf.token_pruning import VisualTokenPruning
+
+    return [
+        name for name, m in model.named_modules()
+        for hooks in (m._forward_pre_hooks, m._forward_hooks) for h in hooks.values()
+        if isinstance(getattr(h, "__self__", None), VisualTokenPruning)
+    ]
+
+
 def _llava(eager: bool = False) -> torch.nn.Module:
     model = tiny_model("llava")
     if eager:
@@ -413,8 +424,35 @@ def test_measure_token_pruning_reports_side_by_side() -> None:
     assert stats["n_tokens"] == 28 and stats["kept_tokens"] == 16
     assert stats["flops_ratio"] == pytest.approx(prefill_flops(model, 16) / prefill_flops(model, 28))
     assert all(stats[k] > 0 for k in ("prefill_s_full", "prefill_s_pruned", "generate_s_full", "generate_s_pruned"))
-    assert not hasattr(model, "_vlprune_token_pruning")
+    assert stats["prefill_ratio"] == pytest.approx(stats["prefill_s_pruned"] / stats["prefill_s_full"])
+    assert stats["generate_ratio"] == pytest.approx(stats["generate_s_pruned"] / stats["generate_s_full"])
+    assert not hasattr(model, "_vlprune_token_pruning") and not _our_hooks(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_measure_token_pruning_fastv_counts_its_two_segments() -> None:
+    model = _llava(eager=True)
+    batch = example_inputs("llava")
+    stats = measure_token_pruning(model, batch, "fastv", keep=0.5, layer=1, max_new_tokens=1, repeats=1, warmup=0)
+    assert stats["kept_tokens"] == 12 + 8
+    assert stats["flops_pruned"] == prefill_flops(model, 28, reduced_tokens=20, from_layer=1)
+
+
+def test_measure_token_pruning_refuses_bad_options_and_leaves_no_hooks() -> None:
+    model = _llava()
+    batch = example_inputs("llava")
+    with pytest.raises(VLPruneError, match="repeats"):
+        measure_token_pruning(model, batch, repeats=0)
+    with pytest.raises(VLPruneError, match='attn_implementation="eager"'):
+        measure_token_pruning(model, batch, "fastv", keep=0.5, layer=1)
+    assert not _our_hooks(model)
+
+
+def test_cost_functions_live_in_token_cost_and_are_re_exported() -> None:
+    from vlprune.adapters.hf import token_cost, token_pruning
+
+    assert token_pruning.prefill_flops is token_cost.prefill_flops
+    assert token_pruning.measure_token_pruning is token_cost.measure_token_pruning
 
 
 # -- other LLaVA-style families -------------------------------------------------------------------

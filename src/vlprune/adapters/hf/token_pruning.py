@@ -33,9 +33,10 @@ Outputs cover the kept tokens: ``model(**batch).logits`` has ``L - dropped`` pos
 (:attr:`VisualTokenPruning.last_kept` holds the kept positions of the latest prefill, to align your
 labels); ``generate()`` is unaffected in shape. ``labels=`` is refused while attached.
 
-Cost: :func:`prefill_flops` is the paper's theoretical prefill cost ``T (4 n d^2 + 2 n^2 d + 2 n d m)``
-(T layers, n tokens, hidden d, MLP width m), with FastV's two segments; :func:`measure_token_pruning`
-times prefill and generation with and without pruning side by side.
+Cost (``token_cost.py``, re-exported here): :func:`prefill_flops` is the paper's theoretical prefill
+cost ``T (4 n d^2 + 2 n^2 d + 2 n d m)`` (T layers, n tokens, hidden d, MLP width m), with FastV's two
+segments; :func:`measure_token_pruning` times prefill and generation with and without pruning side by
+side.
 
 Families: ``LlavaForConditionalGeneration`` (tested); any model whose multimodal core has a
 ``language_model`` sub-module fed with ``inputs_embeds`` and an ``image_token_id`` in its config
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -62,6 +62,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlprune.adapters.hf.token_cost import measure_token_pruning, prefill_flops
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 
 __all__ = [
@@ -749,152 +750,3 @@ def prune_visual_tokens(
     """
     m = _make_method(method, keep, method_kwargs)
     return VisualTokenPruning(model, m, positions or DEFAULT_POSITIONS).attach()
-
-
-# ----------------------------------------------------------------------------------------------
-# cost
-# ----------------------------------------------------------------------------------------------
-
-
-def _text_dims(model_or_config: Any) -> tuple[int, int, int]:
-    cfg = getattr(model_or_config, "config", model_or_config)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    try:
-        return int(cfg.num_hidden_layers), int(cfg.hidden_size), int(cfg.intermediate_size)
-    except AttributeError:
-        raise ModelStructureError(
-            f"{type(model_or_config).__name__} has no language-model config with num_hidden_layers, hidden_size and "
-            "intermediate_size; pass the model or its (text) config"
-        ) from None
-
-
-def prefill_flops(
-    model_or_config: Any,
-    n_tokens: int,
-    *,
-    reduced_tokens: int | None = None,
-    from_layer: int = 0,
-) -> float:
-    """Theoretical prefill FLOPs of the language model, ``T (4 n d^2 + 2 n^2 d + 2 n d m)`` (FastV / DivPrune papers).
-
-    ``T`` layers, ``n`` tokens, hidden size ``d``, MLP width ``m``. With ``reduced_tokens`` the layers
-    from ``from_layer`` on run on ``reduced_tokens`` tokens: ``from_layer=0`` is input-stage pruning
-    (DivPrune), ``from_layer=K`` is FastV (``K`` layers at ``n``, ``T-K`` at the reduced count). The
-    formula is the papers' (multi-head attention, two-matrix MLP); it ignores GQA, gated MLPs, the
-    vision tower and the LM head, so use it for ratios.
-
-    Args:
-        model_or_config: a multimodal model / its config (the text config is used) or a text config.
-        n_tokens: prompt length before pruning.
-        reduced_tokens: prompt length after pruning (None: no pruning).
-        from_layer: first layer that sees ``reduced_tokens``.
-
-    Returns:
-        FLOPs (float).
-
-    Example:
-        >>> from transformers import LlamaConfig
-        >>> cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2)
-        >>> prefill_flops(cfg, 10)              # 2 * (4*10*64 + 2*100*8 + 2*10*8*16)
-        13440.0
-        >>> prefill_flops(cfg, 10, reduced_tokens=5, from_layer=1)     # FastV: layer 0 at 10, layer 1 at 5
-        9680.0
-    """
-    t, d, m = _text_dims(model_or_config)
-    for name, v in (("n_tokens", n_tokens), ("reduced_tokens", reduced_tokens), ("from_layer", from_layer)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
-            raise VLPruneError(f"{name} must be an int >= 0, got {v!r}")
-    if from_layer > t:
-        raise VLPruneError(f"from_layer={from_layer} is beyond the language model's {t} layers")
-
-    def per_layer(n: int) -> float:
-        return float(4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-
-    if reduced_tokens is None:
-        return t * per_layer(n_tokens)
-    return from_layer * per_layer(n_tokens) + (t - from_layer) * per_layer(reduced_tokens)
-
-
-def _timed(fn: Any, repeats: int, warmup: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@torch.no_grad()
-def measure_token_pruning(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    method: str | TokenMethod = "divprune",
-    keep: int | float | None = None,
-    *,
-    positions: Positions | None = None,
-    max_new_tokens: int = 16,
-    repeats: int = 3,
-    warmup: int = 1,
-    **method_kwargs: Any,
-) -> dict[str, float]:
-    """Theoretical prefill FLOPs and measured latency, unpruned and pruned, side by side.
-
-    Prefill = one ``model(**batch, use_cache=True)`` forward; end-to-end = ``model.generate(**batch,
-    max_new_tokens=..., do_sample=False)`` (the vision tower included). Times are the best of
-    ``repeats`` after ``warmup`` runs (CUDA synchronised).
-
-    Args:
-        model: the model (eval mode; left as it was).
-        batch: inputs with ``input_ids`` (image tokens), ``pixel_values``, optional ``attention_mask``.
-        method, keep, positions, method_kwargs: as in :func:`prune_visual_tokens`.
-        max_new_tokens: generated tokens for the end-to-end time (a fixed count: ``min_new_tokens`` too).
-        repeats: timed runs (best kept).
-        warmup: untimed runs first.
-
-    Returns:
-        ``n_tokens``, ``kept_tokens``, ``flops_full``, ``flops_pruned``, ``flops_ratio``,
-        ``prefill_s_full``, ``prefill_s_pruned``, ``generate_s_full``, ``generate_s_pruned``.
-
-    Example:
-        >>> from vlprune.testbed.tiny import example_inputs, tiny_model
-        >>> stats = measure_token_pruning(tiny_model("llava"), example_inputs("llava"), keep=0.25,
-        ...                               max_new_tokens=2, repeats=1, warmup=0)
-        >>> stats["flops_ratio"] < 1
-        True
-    """
-    device = next(model.parameters()).device
-    n = int(batch["input_ids"].shape[1])
-    gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if pad is None:
-        gen["pad_token_id"] = 0
-
-    def prefill() -> None:
-        model(**batch, use_cache=True)
-
-    def generate() -> None:
-        model.generate(**batch, **gen)
-
-    out: dict[str, float] = {"n_tokens": float(n)}
-    out["prefill_s_full"] = _timed(prefill, repeats, warmup, device)
-    out["generate_s_full"] = _timed(generate, repeats, warmup, device)
-    with prune_visual_tokens(model, method, keep, positions=positions, **method_kwargs) as pruner:
-        prefill()
-        assert pruner.last_kept is not None
-        kept = int(pruner.last_kept.shape[1])
-        out["prefill_s_pruned"] = _timed(prefill, repeats, warmup, device)
-        out["generate_s_pruned"] = _timed(generate, repeats, warmup, device)
-        start = pruner.method.layer if isinstance(pruner.method, FastV) else 0
-    out["kept_tokens"] = float(kept)
-    out["flops_full"] = prefill_flops(model, n)
-    out["flops_pruned"] = prefill_flops(model, n, reduced_tokens=kept, from_layer=start)
-    out["flops_ratio"] = out["flops_pruned"] / out["flops_full"]
-    return out
