@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import pluggy
 
-__all__ = ["PROJECT", "hookspec", "hookimpl", "CriterionSpec", "VLPruneHookSpecs", "LEVELS", "NEEDS"]
+__all__ = ["PROJECT", "hookspec", "hookimpl", "CriterionSpec", "StepSpec", "VLPruneHookSpecs", "LEVELS", "NEEDS"]
 
 PROJECT = "vlprune"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -62,6 +62,36 @@ class CriterionSpec:
     factory: str | Callable[..., Any] | None = None
 
 
+@dataclass(frozen=True)
+class StepSpec:
+    """What a registered recipe step declares.
+
+    A step is ``fn(ctx: vlprune.recipes.context.RecipeContext, params) -> dict``: it may replace or
+    train ``ctx.model`` and returns a JSON-able summary (see :mod:`vlprune.recipes.context`).
+
+    Attributes:
+        name: the name recipes use (``- step: <name>``), lower case with ``_``, unique.
+        fn: the function, or a lazy ``"module.path:function"`` string.
+        params: a pydantic model class (``extra="forbid"``) of the step's parameters, or a lazy
+            ``"module.path:Class"`` string; recipes and ``--set`` overrides are validated against it
+            before any stage runs.
+        description: one line for ``vlprune run --help``.
+        frameworks: the recipe ``framework`` values the step works with.
+        changes_model: whether the step changes the model (the runner then saves it with the stage,
+            so a resumed run reloads it).
+        criterion_params: names of parameters whose value is a registered criterion name: the runner
+            checks each against the recipe's framework (``check_pairing``) before any work.
+    """
+
+    name: str
+    fn: str | Callable[..., Any]
+    params: Any
+    description: str = ""
+    frameworks: tuple[str, ...] = ("torch_pruning", "nni")
+    changes_model: bool = True
+    criterion_params: tuple[str, ...] = ()
+
+
 class VLPruneHookSpecs:
     """The hooks a vlprune plugin may implement."""
 
@@ -74,3 +104,7 @@ class VLPruneHookSpecs:
         """Return model-family rules (``vlprune.adapters.hf.families.FamilyRule``) this plugin
         provides; :func:`~vlprune.adapters.hf.families.describe` tries them before the built-in
         rules, so a plugin can also refine a built-in family."""
+
+    @hookspec
+    def vlprune_register_steps(self) -> list[StepSpec]:  # type: ignore[empty-body]
+        """Return the recipe steps (:class:`StepSpec`) this plugin provides."""
