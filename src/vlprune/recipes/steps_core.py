@@ -194,7 +194,7 @@ def distill(ctx: RecipeContext, params: DistillParams) -> dict[str, Any]:
         token_weight=params.token_weight, logit_weight=params.logit_weight, temperature=params.temperature,
         checkpoint=ctx.stage_dir / "ckpt", save_every=params.save_every, progress=ctx.progress,
     )
-    losses = [float(x) for x in log.get("loss", [])]
+    losses = [float(v) for _, v in log.get("loss", [])]
     return {
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
