@@ -3,6 +3,8 @@
     vlprune list                                    # criteria x adapters matrix: level, data, support
     vlprune profile-id MODEL_DIR --data batches.pt  # per-layer ID profile: out/id_profile/id.{json,png}
     vlprune profile-id src/vlprune/testbed/checkpoints/llava --data testbed   # the testbed's own scenes
+    vlprune recipes                                 # built-in recipes and what they do
+    vlprune run id-taylor --model testbed:llava --out out/id-taylor --set distill.steps=50   # [--resume]
 
 Any failure ends with one ``vlprune: error: ...`` paragraph on stderr (exit status 2 for an input
 vlprune understood as wrong, 1 for an unexpected error); ``--log-level DEBUG`` also logs the traceback.
@@ -35,6 +37,7 @@ __all__ = [
     "identify_testbed",
     "image_tokens_per_image",
     "DEFAULT_OUT",
+    "recipes_help",
 ]
 
 logger = logging.getLogger("vlprune.cli")
@@ -375,6 +378,70 @@ def _cmd_profile_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from vlprune.recipes.schema import builtin_recipes, load_recipe_source
+
+    for name in builtin_recipes():
+        try:
+            raw, _ = load_recipe_source(name)
+            desc, fw = raw.get("description", ""), raw.get("framework", "torch_pruning")
+            stages = " -> ".join(str(s.get("step")) for s in raw.get("stages", []) if isinstance(s, dict))
+        except VLPruneError as exc:
+            desc, fw, stages = f"(cannot be read: {_one_paragraph(str(exc))})", "?", ""
+        sys.stdout.write(f"{name:12s} [{fw}] {desc}\n")
+        if args.verbose and stages:
+            sys.stdout.write(f"{'':12s} stages: {stages}\n")
+    return 0
+
+
+def recipes_help() -> str:
+    """Every built-in recipe's keys and defaults (the epilog of ``vlprune run --help``)."""
+    from vlprune.recipes.schema import builtin_recipes, resolve_recipe
+
+    lines = ["built-in recipes (override any key with --set KEY=VALUE):", ""]
+    for name in builtin_recipes():
+        try:
+            recipe = resolve_recipe(name).to_dict()
+        except VLPruneError as exc:
+            lines += [f"  {name}: (not available: {_one_paragraph(str(exc))[:200]})", ""]
+            continue
+        lines.append(f"  {name}: {recipe.get('description', '')}")
+        top = ", ".join(f"{k}={recipe[k]}" for k in ("framework", "seed", "model", "data", "batch_size"))
+        lines.append(f"    {top}")
+        for i, stage in enumerate(recipe["stages"], start=1):
+            params = " ".join(f"{k}={v}" for k, v in stage["params"].items())
+            lines.append(f"    {i}. {stage['step']}: {params}")
+        lines.append("")
+    lines.append("keys: framework=nni, seed=1, <step>.<param>=VALUE (e.g. distill.steps=20), or <stage number>.<param>")
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vlprune.recipes.runner import run_recipe
+    from vlprune.recipes.schema import parse_set
+
+    overrides = parse_set(args.set or [])
+    with _quiet_transformers(args.quiet):
+        result = run_recipe(
+            args.recipe, model=args.model, data=args.data, out=args.out, resume=args.resume,
+            progress=not args.quiet, overrides=overrides,
+        )
+    size = result.report["size"]
+    sys.stdout.write(
+        f"parameters {size['params_before']:,} -> {size['params_after']:,}; "
+        f"latency {size['latency_ms_before']:.1f} -> {size['latency_ms_after']:.1f} ms\n"
+    )
+    for metric in sorted(result.metrics.get("after", {})):
+        before = result.metrics.get("before", {}).get(metric)
+        after = result.metrics["after"][metric]
+        sys.stdout.write(f"{metric}: {'-' if before is None else f'{before:.4f}'} -> {after:.4f}\n")
+    sys.stdout.write(f"wrote {result.paths['report_md']}")
+    if "model_dir" in result.paths:
+        sys.stdout.write(f" and {result.paths['model_dir']}")
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vlprune`` command."""
     parser = argparse.ArgumentParser(prog="vlprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="WARNING", type=str.upper, choices=_LOG_LEVELS,
         help="logging level (default WARNING; DEBUG also logs the traceback of an error)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_HelpParser)
 
     p = sub.add_parser(
         "list", help="registered criteria x adapters matrix",
@@ -423,7 +490,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (vlprune's and transformers')")
     p.set_defaults(func=_cmd_profile_id)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each recipe's stages")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser(
+        "run", help="run a recipe: prune, distil, evaluate, save, report (resumable)",
+        description="Run a recipe (a built-in name or a YAML file) from a model to a pruned, distilled, "
+        "evaluated, saved model, with DIR/report.md. Kill it and continue with --resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.epilog_fn = recipes_help
+    p.add_argument("recipe", help="built-in recipe name (vlprune recipes) or a YAML file")
+    p.add_argument("--model", default=None, help="model directory (save_pretrained / save_pruned) or testbed:<name> (default: the recipe's)")
+    p.add_argument(
+        "--data", default=None,
+        help="testbed:<name>, a .pt file of batches, or a folder of images with captions.jsonl "
+        "(default: the recipe's, else the testbed of a testbed model)",
+    )
+    p.add_argument("--out", default="pruned/", help="run directory (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. distill.steps=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (finished stages are skipped)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
     return parser
+
+
+
+class _HelpParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose epilog may be computed when help is printed (``epilog_fn``): the
+    ``run`` epilog resolves every built-in recipe, which only ``--help`` needs."""
+
+    epilog_fn: Any = None
+
+    def format_help(self) -> str:
+        if self.epilog_fn is not None:
+            self.epilog = self.epilog_fn()
+        return super().format_help()
 
 
 def _one_paragraph(text: str) -> str:
