@@ -2,24 +2,26 @@
 AMP widths, domain-aware layer dropping and visual-token pruning (DivPrune), each for the framework
 the recipe names.
 
-=====================  ==============================  =========================================
-step                    frameworks                      what it does
-=====================  ==============================  =========================================
-``prune_id_platon``    ``torch_pruning``, ``nni``      ID-PLATON (PLATON x layer ID) on the cubic
-                                                        schedule while training; MLP neurons (+
-                                                        heads with Torch-Pruning)
-``prune_amp``          ``torch_pruning``, ``nni``      AMP entropy importance + width search
-``drop_layers``        ``hf_layers``, ``nni``          domain-aware decoder-layer ranking, removal
-``prune_tokens``       ``hf_tokens``                   DivPrune / FastV / ... visual tokens at
-                                                        inference, evaluated and costed (FLOPs)
-``prune_id_taylor_nni`` ``nni``                        ID-weighted Taylor / L1 as NNI masks + shrink
-=====================  ==============================  =========================================
+* ``prune_id_platon`` (``torch_pruning``, ``nni``): ID-PLATON (PLATON x layer ID) on PLATON's cubic
+  schedule while training; MLP neurons and whole heads (Torch-Pruning) or MLP neurons (NNI + shrink).
+* ``prune_amp`` (``torch_pruning``, ``nni``): AMP entropy importance + per-MLP width search.
+* ``drop_layers`` (``torch_pruning``: :func:`vlprune.remove_layers`, criterion adapter ``hf_layers``)
+  and ``drop_layers_nni`` (``nni``: ``LayerSimilarityPruner`` + shrink): domain-aware decoder-layer
+  ranking and removal.
+* ``prune_tokens`` (``torch_pruning`` only: token criteria have no NNI route): DivPrune / FastV /
+  random / uniform visual tokens at inference, evaluated with and without, FLOPs and latency.
+* ``prune_id_taylor_nni`` (``nni``): the NNI variant of core's ``prune_id_taylor``
+  (``IDWeightedPruner`` taylor / l1 on MLP neurons + shrink), picked by ``framework: nni``.
 
 A step is ``fn(ctx, params) -> dict`` (:mod:`vlprune.recipes.context`); the dict is JSON-able and
 holds what the report and later stages read (``params_before`` / ``params_after``, ``widths``,
-``removed_layers`` ...). Each step's parameter model is a pydantic model with ``extra="forbid"``;
-``criterion`` / ``method`` parameters name registered criteria, which the runner checks against the
-recipe's ``framework`` (``vlprune.check_pairing``) before any stage runs.
+``removed`` ...). Each step's parameters are a pydantic model (``extra="forbid"``). ``criterion`` /
+``method`` / ``base`` parameters name registered criteria and are checked against the recipe's
+framework (``vlprune.check_pairing``) when the recipe is validated, before any stage runs: by the
+runner (``criterion_params``) for ``prune_id_platon``, ``prune_amp`` and ``prune_id_taylor``, and by
+the parameter models themselves for ``drop_layers`` (adapter ``hf_layers``; ``nni`` for
+``drop_layers_nni``) and ``prune_tokens`` (``hf_tokens``), whose ``torch_pruning`` route is the
+transformers-level adapter of their criteria.
 
 Example:
     >>> import vlprune.recipes.steps_methods as sm
@@ -29,10 +31,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
