@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -77,9 +78,48 @@ def _method_details(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system, every thread) this process has used."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+#: step name -> CPU seconds of its last call (filled by the wrapper :func:`_timed_steps` installs)
+_STEP_CPU: dict[str, float] = {}
+
+
+def _timed_steps() -> None:
+    """Record each step's CPU time: wall time on a shared machine measures the other jobs too, CPU
+    time divided by the threads is what an idle machine with that many cores would take (about)."""
+    from vlprune.recipes import steps
+
+    original = steps.step_fn
+    if getattr(original, "_bench_timed", False):
+        return
+
+    def step_fn(spec: Any) -> Any:
+        fn = original(spec)
+
+        def timed(ctx: Any, params: Any) -> Any:
+            start = _cpu_seconds()
+            try:
+                return fn(ctx, params)
+            finally:
+                _STEP_CPU[ctx.stage_key] = _cpu_seconds() - start
+
+        return timed
+
+    step_fn._bench_timed = True  # type: ignore[attr-defined]
+    steps.step_fn = step_fn
+
+
 def run_one(recipe: str, model: str, framework: str | None, quick: bool, keep: Path | None) -> dict[str, Any]:
     """One recipe run; the row for the JSON (``error`` set if it failed)."""
     from vlprune.recipes.runner import run_recipe
+
+    _timed_steps()
+    _STEP_CPU.clear()
+    cpu_start = _cpu_seconds()
 
     overrides: dict[str, Any] = dict(QUICK.get(recipe, {})) if quick else {}
     if framework is not None:
@@ -97,11 +137,14 @@ def run_one(recipe: str, model: str, framework: str | None, quick: bool, keep: P
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc(limit=8)
         row["wall_s"] = round(time.perf_counter() - start, 1)
+        row["cpu_s"] = round(_cpu_seconds() - cpu_start, 1)
         return row
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["cpu_s"] = round(_cpu_seconds() - cpu_start, 1)
+    row["stages_cpu_s"] = {k: round(v, 1) for k, v in _STEP_CPU.items()}
     report = result.report
     row["framework"] = result.recipe.get("framework")
     row["stages"] = {s["key"]: round(float(s["seconds"]), 1) for s in report.get("stages", [])}
@@ -120,7 +163,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the rows (for docs/benchmarks.md)."""
     lines = [
-        "| recipe | model | framework | wall s | stages (s) | params | MACs | latency ms | metrics before -> after |",
+        "| recipe | model | framework | wall s (CPU s / threads) | stages: CPU s / threads | params | MACs | latency ms | metrics before -> after |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -128,7 +171,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['recipe']} | {r['model']} | {r['framework']} | {r['wall_s']} | FAILED: {r['error'][:80]} | | | | |")
             continue
         size = r.get("size") or {}
-        stages = ", ".join(f"{k.split('-', 1)[1]} {v}" for k, v in r["stages"].items())
+        t = r.get("threads", 1)
+        cpu = r.get("stages_cpu_s", {})
+        stages = ", ".join(f"{k.split('-', 1)[1]} {cpu.get(k, 0.0) / t:.0f}" for k in r["stages"])
         m = r.get("metrics") or {}
         names = sorted(set(m.get("before", {})) | set(m.get("after", {})))
         metrics = "; ".join(f"{n} {_fmt(m.get('before', {}).get(n))} -> {_fmt(m.get('after', {}).get(n))}" for n in names)
@@ -138,7 +183,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("token_flops_ratio") is not None:
             macs += f" (LM prefill FLOPs {_fmt(r['token_flops_ratio'], 2)}x)"
             lat += f" (prefill {_fmt(r.get('token_prefill_ratio'), 2)}x)"
-        lines.append(f"| {r['recipe']} | {r['model']} | {r['framework']} | {r['wall_s']} | {stages} | {params} | {macs} | {lat} | {metrics} |")
+        lines.append(f"| {r['recipe']} | {r['model']} | {r['framework']} | {r['wall_s']} ({r['cpu_s'] / t:.0f}) | {stages} | {params} | {macs} | {lat} | {metrics} |")
     return "\n".join(lines)
 
 
@@ -166,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {recipe} on {model or 'llava'} ({fw or 'recipe default'})", file=sys.stderr, flush=True)
             row = run_one(recipe, model or "llava", fw, args.quick, args.keep)
             row["load_average_after"] = list(os.getloadavg())
+            row["threads"] = args.threads
             rows.append(row)
             print(f"  {row['wall_s']} s{'  FAILED: ' + row['error'] if 'error' in row else ''}", file=sys.stderr, flush=True)
             if out is not None:  # written after every run: a long benchmark keeps what it measured
