@@ -35,6 +35,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these small models gain nothing from more, and on a busy 2-core machine
+    two spinning threads per op make a forward 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -124,7 +134,7 @@ def test_resume_after_a_kill_mid_distillation_ends_with_the_same_weights(tmp_pat
     recipe.write_text(yaml.safe_dump(RESUME_RECIPE))
     killed = tmp_path / "killed"
     ckpt = killed / "stages" / "03-distill" / "ckpt" / "distill_state.pt"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vlprune.recipes.cli", "run", str(recipe), "--model", "testbed:llava",
          "--out", str(killed), "-q"],
@@ -267,3 +277,35 @@ def test_user_batches_third_party_step_and_agreement(tmp_path):
     assert noisy.metrics["after"]["embed_cosine"] < 0.99
     assert noisy.metrics["before"]["embed_cosine"] == 1.0
     assert "Teacher-student agreement" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_image_folder_with_captions_made_into_batches_by_the_model_dirs_processor(tmp_path):
+    import transformers
+    from PIL import Image
+
+    from vlprune.testbed import checkpoint_dir
+
+    model_dir = tmp_path / "clip"
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir("clip"))
+    vlprune.save_pruned(load("clip"), model_dir, processor=transformers.CLIPProcessor(image_processor, tokenizer))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["one", "two", "three", "four", "five", "six"]
+    with open(folder / "captions.jsonl", "w") as f:
+        for i in range(12):
+            pixels = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "caption": f"top left {words[i % 6]} bottom {words[i // 2 % 6]}"}) + "\n")
+    recipe = {"name": "folder", "batch_size": 4, "stages": [{"step": "evaluate"}, {"step": "save"}]}
+    out = tmp_path / "run"
+    result = run_recipe(recipe, model=str(model_dir), data=str(folder), out=out, progress=False)
+    assert result.report["metrics_kind"] == "agreement"
+    assert result.metrics["after"]["embed_cosine"] == pytest.approx(1.0, abs=1e-6)  # nothing pruned
+    assert result.report["size"]["params_after"] == result.report["size"]["params_before"]
+    # the processor travels with the pruned model
+    saved = transformers.AutoProcessor.from_pretrained(out / "model", local_files_only=True)
+    enc = saved(images=[Image.open(folder / "0.png")], text=["top left one"], return_tensors="pt")
+    with torch.no_grad():
+        assert vlprune.load_pruned(out / "model")(**enc).logits_per_image.shape == (1, 1)
