@@ -165,3 +165,10 @@ def _only_tp():
         resolve_step("tp_only_test", "nni")
     finally:
         unregister("tp-only")
+
+
+def test_empty_params_and_overrides_into_them():
+    r = resolve_recipe({"name": "e", "stages": [{"step": "distill", "params": None}]}, {"distill.steps": 4})
+    assert r.stage("distill").params.steps == 4
+    with pytest.raises(VLPruneError, match="params is not a mapping"):
+        resolve_recipe({"name": "e", "stages": [{"step": "distill", "params": [1]}]}, {"distill.steps": 4})

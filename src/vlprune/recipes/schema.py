@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlprune.errors import RegistryError, VLPruneError
 from vlprune.plugins.hookspecs import StepSpec
@@ -74,6 +74,11 @@ class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     step: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _empty_params(cls, value: Any) -> Any:
+        return {} if value is None else value  # ``params:`` with nothing under it
 
 
 class RecipeSpec(BaseModel):
@@ -258,11 +263,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
                 )
             idx = hits[0]
         stage = out["stages"][idx]
-        params = stage.setdefault("params", {}) if isinstance(stage, dict) else None
+        if not isinstance(stage, dict):
+            raise VLPruneError(f"override {key!r}: stage {idx + 1} is not a mapping (step: ..., params: ...)")
+        params = stage.get("params")
         if params is None:
-            raise VLPruneError(f"override {key!r}: stage {idx + 1} is not a mapping")
-        if params is None or not isinstance(params, dict):
             stage["params"] = params = {}
+        elif not isinstance(params, dict):
+            raise VLPruneError(f"override {key!r}: stage {idx + 1}'s params is not a mapping")
         node = params
         parts = rest.split(".")
         for part in parts[:-1]:

@@ -105,16 +105,17 @@ class PruneIDTaylorParams(StepParams):
     min_neurons: int = Field(1, ge=1)
 
 
-def _id_profile(ctx: RecipeContext) -> Any:
+def _id_profile(ctx: RecipeContext) -> tuple[Any, str | None]:
+    """The ID profile of the latest calibrate stage, or one estimated now with calibrate's defaults
+    (then also its path, for this stage's summary)."""
     from vlprune.plugins.intrinsic_dim import IDProfile
 
     path = ctx.latest("id_profile")
     if path is not None:
-        return IDProfile.from_json(ctx.path(path))
+        return IDProfile.from_json(ctx.path(path)), None
     logger.info("no calibrate stage before %s: estimating the ID profile with calibrate's defaults", ctx.stage_key)
-    summary = calibrate(ctx, CalibrateParams())
-    ctx.results.setdefault(ctx.stage_key + ":calibrate", summary)
-    return IDProfile.from_json(ctx.path(summary["id_profile"]))
+    made = calibrate(ctx, CalibrateParams())["id_profile"]
+    return IDProfile.from_json(ctx.path(made)), made
 
 
 def prune_id_taylor(ctx: RecipeContext, params: PruneIDTaylorParams) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def prune_id_taylor(ctx: RecipeContext, params: PruneIDTaylorParams) -> dict[str
     from vlprune.plugins.capture import preserved_mode
     from vlprune.plugins.registry import get_criterion, get_spec
 
-    profile = _id_profile(ctx)
+    profile, made = _id_profile(ctx)
     base = get_criterion(params.base, adapter="torch_pruning")
     imp = IDWeightedImportance(base, profile, normalize=params.normalize, group_id=params.group_id)
     model = ctx.model
@@ -156,7 +157,10 @@ def prune_id_taylor(ctx: RecipeContext, params: PruneIDTaylorParams) -> dict[str
         model.zero_grad(set_to_none=True)
     after = _n_params(model)
     logger.info("prune_id_taylor: %d -> %d parameters (%.1f%%)", before, after, 100.0 * after / before)
-    return {"params_before": before, "params_after": after, "widths": model_widths(model), "changed": changed}
+    out = {"params_before": before, "params_after": after, "widths": model_widths(model), "changed": changed}
+    if made is not None:
+        out["id_profile"] = made
+    return out
 
 
 # ------------------------------------------------------------------------------------------ distill
