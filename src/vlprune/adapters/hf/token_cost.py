@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -122,8 +123,9 @@ def measure_token_pruning(
 ) -> dict[str, float]:
     """Theoretical prefill FLOPs and measured latency, unpruned and pruned, side by side.
 
-    Prefill = one ``model(**batch, use_cache=True)`` forward; end-to-end = ``model.generate(**batch,
-    max_new_tokens=..., do_sample=False)`` (the vision tower included). Every repeat times the
+    Prefill = one ``model(**batch, use_cache=True)`` forward, with ``logits_to_keep=1`` where the
+    model takes it (as ``generate()``'s first step: the time to the first token); end-to-end =
+    ``model.generate(**batch, max_new_tokens=..., do_sample=False)``. Both include the vision tower. Every repeat times the
     unpruned and the pruned model back to back (the pruning is attached and detached around its
     runs), so a change of machine load hits both; each time is the best of ``repeats`` after
     ``warmup`` untimed rounds (CUDA synchronised).
@@ -164,8 +166,12 @@ def measure_token_pruning(
     if getattr(getattr(model, "generation_config", None), "pad_token_id", None) is None:
         gen["pad_token_id"] = 0
 
+    extra: dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+
     def prefill() -> None:
-        model(**batch, use_cache=True)
+        model(**batch, **extra)
 
     def generate() -> None:
         model.generate(**batch, **gen)
