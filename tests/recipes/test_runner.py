@@ -32,6 +32,7 @@ TINY = {
     "distill.n_samples": 8,
     "evaluate.n": 5,
     "batch_size": 8,
+    "report.latency_repeats": 2,
 }
 
 
@@ -121,6 +122,7 @@ def test_refuses_to_overwrite_or_mix_runs(finished, tmp_path):
 RESUME_RECIPE = {
     "name": "resume-test",
     "batch_size": 2,
+    "report": {"latency_repeats": 1, "latency_warmup": 0},
     "stages": [
         {"step": "calibrate", "params": {"n_samples": 16, "batch_size": 8}},
         {"step": "prune_id_taylor", "params": {"ratio": 0.3, "grad_samples": 2}},

@@ -172,3 +172,10 @@ def test_empty_params_and_overrides_into_them():
     assert r.stage("distill").params.steps == 4
     with pytest.raises(VLPruneError, match="params is not a mapping"):
         resolve_recipe({"name": "e", "stages": [{"step": "distill", "params": [1]}]}, {"distill.steps": 4})
+
+
+def test_report_settings_are_recipe_keys():
+    r = resolve_recipe("id-taylor", {"report.latency_repeats": 3})
+    assert r.spec.report.latency_repeats == 3 and r.to_dict()["report"] == {"latency_repeats": 3, "latency_warmup": 2}
+    with pytest.raises(VLPruneError, match="unknown key 'report.repeats'"):
+        resolve_recipe("id-taylor", {"report.repeats": 3})

@@ -407,6 +407,7 @@ def recipes_help() -> str:
             continue
         lines.append(f"  {name}: {recipe.get('description', '')}")
         top = ", ".join(f"{k}={recipe[k]}" for k in ("framework", "seed", "model", "data", "batch_size"))
+        top += ", " + ", ".join(f"report.{k}={v}" for k, v in recipe["report"].items())
         lines.append(f"    {top}")
         for i, stage in enumerate(recipe["stages"], start=1):
             params = " ".join(f"{k}={v}" for k, v in stage["params"].items())

@@ -165,6 +165,8 @@ class TestbedData(RecipeData):
     calibration and domain batches from the ``val`` split, training batches from ``train``, held-out
     batches from ``test``."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     testbed: str | None = "llava"
     batch_size: int = 16
     seed: int = 0

@@ -188,7 +188,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def build_report(
-    ctx: RecipeContext, resolved: ResolvedRecipe, manifest: dict[str, Any], latency_repeats: int = 10
+    ctx: RecipeContext, resolved: ResolvedRecipe, manifest: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Measure, plot and write ``report.json`` / ``report.md`` into ``ctx.out``.
 
@@ -200,7 +200,10 @@ def build_report(
     teacher, student = ctx.teacher, ctx.model
     before = measure_model(teacher, example)
     after = measure_model(student, example)
-    lat_before, lat_after = side_by_side_latency(teacher, student, example, repeats=latency_repeats)
+    settings = resolved.spec.report
+    lat_before, lat_after = side_by_side_latency(
+        teacher, student, example, repeats=settings.latency_repeats, warmup=settings.latency_warmup
+    )
     metrics: dict[str, dict[str, float]] = {}
     metrics_kind = None
     for _, result in ctx.iter_results():

@@ -9,13 +9,14 @@ A recipe (YAML file, built-in name or dict)::
     model: testbed:llava              # default --model (optional)
     data: testbed:llava               # default --data (optional)
     batch_size: 8
+    report: {latency_repeats: 10}     # optional
     stages:
       - step: calibrate
         params: {n_samples: 64}
       - step: distill
         params: {steps: 100, lr: 1.0e-4}
 
-Overrides address keys with dots: ``framework=nni``, ``seed=1``, ``distill.steps=20`` (the stage
+Overrides address keys with dots: ``framework=nni``, ``seed=1``, ``report.latency_repeats=3``, ``distill.steps=20`` (the stage
 running step ``distill``; ``3.steps=20`` addresses the third stage, needed when a step appears
 twice). From the shell, ``--set distill.steps=20`` (the value is read as YAML: ``20`` is an int,
 ``[a, b]`` a list); from Python, ``run_recipe(..., distill={"steps": 20})`` or ``distill__steps=20``.
@@ -46,6 +47,7 @@ __all__ = [
     "FRAMEWORKS",
     "StepParams",
     "StageSpec",
+    "ReportSpec",
     "RecipeSpec",
     "ResolvedStage",
     "ResolvedRecipe",
@@ -81,6 +83,14 @@ class StageSpec(BaseModel):
         return {} if value is None else value  # ``params:`` with nothing under it
 
 
+class ReportSpec(BaseModel):
+    """The report's measurement settings (recipe key ``report``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    latency_repeats: int = Field(10, ge=1, description="side-by-side forward pairs timed")
+    latency_warmup: int = Field(2, ge=0)
+
+
 class RecipeSpec(BaseModel):
     """A recipe file's top level."""
 
@@ -92,6 +102,7 @@ class RecipeSpec(BaseModel):
     model: str | None = None
     data: str | None = None
     batch_size: int = Field(8, ge=1)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     stages: list[StageSpec] = Field(min_length=1)
 
 
@@ -237,8 +248,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[s
     names = _stage_names(out)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
-        if head in top and not rest:
-            out[head] = value
+        if head in top:
+            if not rest:
+                out[head] = value
+                continue
+            node = out.setdefault(head, {})
+            if not isinstance(node, dict):
+                node = out[head] = {}
+            parts = rest.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
             continue
         if not rest:
             raise VLPruneError(
