@@ -87,6 +87,7 @@ Positions = Literal["original", "contiguous"]
 #: caption CIDEr/10 on 300 test scenes each (unpruned 0.72 / 0.93 / 0.95), DivPrune keeping 2, 4, 8
 #: of the 16 image tokens: original 0.18/0.33/0.27, 0.33/0.50/0.53, 0.60/0.80/0.83; contiguous
 #: 0.20/0.22/0.19, 0.29/0.26/0.27, 0.40/0.34/0.34 (the uniform and random baselines show the same gap)
+#: (benchmarks/bench_tokens.py, 500 scenes: the same gap at 25 / 50 %; docs/benchmarks.md, Visual-token pruning)
 DEFAULT_POSITIONS: Positions = "original"
 
 
