@@ -112,6 +112,8 @@ def test_refuses_to_overwrite_or_mix_runs(finished, tmp_path):
         run_recipe(other, model=model, out=out, progress=False)
     with pytest.raises(VLPruneError, match=r"other settings \(stages\[2\].params.steps: 2 there, 3 now\)"):
         run_recipe("id-taylor", model=model, out=out, progress=False, resume=True, overrides={**TINY, "distill.steps": 3})
+    with pytest.raises(VLPruneError, match="used --data 'testbed:llava', not 'other.pt'"):
+        run_recipe("id-taylor", model=model, data="other.pt", out=out, progress=False, resume=True, overrides=TINY)
     assert _snapshot(out) == snap
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(VLPruneError, match="not a vlprune run"):

@@ -266,6 +266,12 @@ def check_out_dir(out: Path, manifest: dict[str, Any], resume: bool) -> bool:
         state = "a finished" if finished else "an unfinished"
         hint = "choose another output directory" if finished else "pass --resume (resume=True) to continue it, or choose another output directory"
         raise VLPruneError(f"--out {out} holds {state} run of recipe {new_name!r}; refusing to overwrite it: {hint}")
+    for key in ("model", "data"):
+        if previous.get(key) != manifest[key]:
+            raise VLPruneError(
+                f"--out {out}: the run there used --{key} {previous.get(key)!r}, not {manifest[key]!r}; resume with "
+                "the same model and data, or choose another output directory"
+            )
     if previous.get("recipe") != manifest["recipe"]:
         diff = _first_difference(previous.get("recipe"), manifest["recipe"])
         raise VLPruneError(
@@ -348,6 +354,9 @@ def run_recipe(
         if tb is None:
             raise DataError(f"recipe {spec.name!r} names no data and the model is not a testbed model: pass data=")
         data_arg = f"testbed:{tb}"
+    tb_name = _testbed_name(str(data_arg))
+    if tb_name is not None:
+        data_arg = f"testbed:{tb_name}"  # "llava" and "testbed:llava" are the same data
     out_dir = Path(out)
     manifest = {
         "recipe": resolved.to_dict(),
