@@ -129,6 +129,14 @@ class RecipeData:
     batch_size: int = 16
     seed: int = 0
     source: str = ""
+    #: where the batches go (the runner sets the model's device)
+    device: torch.device | None = None
+
+    def to_device(self, batches: list[Batch]) -> list[Batch]:
+        """``batches`` with their tensors on :attr:`device` (as they are when it is None or CPU)."""
+        if self.device is None or self.device.type == "cpu":
+            return batches
+        return [{k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
 
     def calibration(self, n: int, batch_size: int | None = None) -> list[Batch]:
         """``n`` samples for calibration (ID profiles, activation statistics), without labels."""
@@ -172,11 +180,13 @@ class TestbedData(RecipeData):
     seed: int = 0
     source: str = ""
     model: nn.Module | None = field(default=None, repr=False)
+    device: torch.device | None = None
 
     def _batches(self, n: int, batch_size: int | None, **kw: Any) -> list[Batch]:
         from vlprune.testbed import batches
 
-        return batches(self.testbed, n_samples=n, batch_size=batch_size or self.batch_size, seed=self.seed, **kw)  # type: ignore[arg-type]
+        out = batches(self.testbed, n_samples=n, batch_size=batch_size or self.batch_size, seed=self.seed, **kw)  # type: ignore[arg-type]
+        return self.to_device(out)
 
     def calibration(self, n: int, batch_size: int | None = None) -> list[Batch]:
         return self._batches(n, batch_size, split="val")
@@ -211,6 +221,7 @@ class BatchListData(RecipeData):
     source: str = ""
     holdout: float = 0.2
     model: nn.Module | None = field(default=None, repr=False)
+    device: torch.device | None = None
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -223,16 +234,18 @@ class BatchListData(RecipeData):
         self._fit = flat[: n - n_eval] if n_eval else list(self.batches)
 
     def calibration(self, n: int, batch_size: int | None = None) -> list[Batch]:
-        return _take(self._fit, n, batch_size or self.batch_size)
+        return self.to_device(_take(self._fit, n, batch_size or self.batch_size))
 
     def training(self, n: int, labels: bool = True, batch_size: int | None = None) -> list[Batch]:
         out = _take(self._fit, n, batch_size or self.batch_size)
-        return [with_labels(b, self.model) for b in out] if labels else [
+        out = [with_labels(b, self.model) for b in out] if labels else [
             {k: v for k, v in b.items() if k not in ("labels", "return_loss")} for b in out
         ]
+        return self.to_device(out)
 
     def evaluation(self, n: int, batch_size: int | None = None) -> list[Batch]:
-        return _take(self._eval, min(n, sum(_n_rows(b) for b in self._eval)), batch_size or self.batch_size)
+        n = min(n, sum(_n_rows(b) for b in self._eval))
+        return self.to_device(_take(self._eval, n, batch_size or self.batch_size))
 
 
 @dataclass

@@ -380,6 +380,7 @@ def run_recipe(
         testbed=testbed, processor=processor, teacher_factory=teacher_factory,
     )
     data_obj.model = student  # type: ignore[attr-defined]
+    data_obj.device = next((p.device for p in student.parameters()), None)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages_dir = out_dir / STAGES_DIR
     stages_dir.mkdir(exist_ok=True)
@@ -410,6 +411,8 @@ def run_recipe(
 
                 logger.info("resuming from the model saved by %s", last_model.parent.name)
                 ctx.model = vlprune.load_pruned(last_model)
+                if data_obj.device is not None:
+                    ctx.model.to(data_obj.device)
                 data_obj.model = ctx.model  # type: ignore[attr-defined]
                 loaded_from = last_model
             bar.set_postfix_str(stage.key)
@@ -447,6 +450,8 @@ def run_recipe(
             import vlprune
 
             ctx.model = vlprune.load_pruned(last_model)
+            if data_obj.device is not None:
+                ctx.model.to(data_obj.device)
     finally:
         ctx.stage_dir = None
     report, paths = build_report(ctx, resolved, manifest)
