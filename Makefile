@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m vlprune.testbed.demo --out out/demo
+	$(BIN)/vlprune run id-taylor --model testbed:llava --out out/demo --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ Public API (everything a script needs is re-exported here)::
     scores = vlprune.domain_similarity(model, {"math": mb, "general": gb})   # per decoder layer
     vlprune.remove_layers(model, vlprune.select_layers(scores["math"], k=2, strategy="regime"))
     with vlprune.prune_visual_tokens(model, "divprune", keep=0.1): model.generate(**batch)
+    result = vlprune.run_recipe("id-taylor", model="testbed:llava", out="out/id-taylor")  # one line
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = [
     "select_layers",
     "select_run",
     "prune_visual_tokens",
+    "run_recipe",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -192,3 +194,21 @@ def prune_visual_tokens(model: nn.Module, method: Any = "divprune", keep: Any = 
     from vlprune.adapters.hf.token_pruning import prune_visual_tokens as _prune
 
     return _prune(model, method, keep, **kwargs)
+
+
+def run_recipe(recipe: Any, model: Any = None, data: Any = None, out: Any = "pruned/", **kwargs: Any) -> Any:
+    """Run a recipe (calibrate -> score -> prune -> distill -> evaluate -> save), resumable.
+
+    ``recipe``: a built-in name (``vlprune recipes`` lists them), a YAML path or a dict; ``model``: a
+    model object (left untouched), a model directory or ``"testbed:<name>"``; ``data``: a testbed name,
+    a ``.pt`` file of batches or a folder of images with ``captions.jsonl``. Keyword overrides such as
+    ``distill={"steps": 20}`` are validated before any work. Returns a
+    :class:`~vlprune.recipes.runner.RecipeResult`. See :func:`vlprune.recipes.runner.run_recipe`.
+
+    Example:
+        >>> result = vlprune.run_recipe("id-taylor", model="testbed:llava", out="out/id-taylor")  # doctest: +SKIP
+        >>> result.metrics["after"], result.paths["report_md"]                                   # doctest: +SKIP
+    """
+    from vlprune.recipes.runner import run_recipe as _run
+
+    return _run(recipe, model, data, out, **kwargs)
