@@ -364,7 +364,7 @@ def _platon_nni(ctx: RecipeContext, params: IDPlatonParams, profile: Any, train:
     cooldown = params.steps - final
     pruner = PlatonPruner(model, config, trainer.evaluator(model), warmup_step=dense, cooldown_begin_step=cooldown,
                           beta1=params.beta1, beta2=params.beta2, delta_t=params.delta_t,
-                          profile={u: profile.ids()[u] for u in ups} if profile is not None else None)
+                          profile=profile)
     try:
         _, masks = pruner.compress(max_steps=params.steps, max_epochs=None)
         masks = _nni_masks(masks)
@@ -724,7 +724,9 @@ def prune_tokens(ctx: RecipeContext, params: TokenPruneParams) -> dict[str, Any]
 class IDTaylorNNIParams(PruneIDTaylorParams):
     """``prune_id_taylor`` under ``framework: nni``: the same keys as the Torch-Pruning step, plus
     ``max_layer_ratio`` and ``lr``. NNI prunes MLP neurons (rows of the first linears, one fenced
-    global ranking when ``global_pruning``); ``prune_heads`` is not applied (logged)."""
+    global ranking when ``global_pruning``, every MLP keeping at least one neuron); ``prune_heads``,
+    ``head_ratio``, ``normalize``, ``group_id``, ``min_heads`` and ``min_neurons`` are Torch-Pruning's
+    and not applied here (heads: logged)."""
 
     max_layer_ratio: float = Field(0.9, gt=0.0, le=1.0, description="most any one MLP loses under the global ranking")
     lr: float = Field(0.0, ge=0.0, description="lr of the NNI loop collecting Taylor gradients (0: weights unchanged, as with torch_pruning)")
@@ -766,7 +768,6 @@ def prune_id_taylor_nni(ctx: RecipeContext, params: IDTaylorNNIParams) -> dict[s
         raise ModelStructureError(f"no MLP of {type(model).__name__} in modalities {params.modalities}")
     ups = [m.up for m in mlps]
     profile = _profile(ctx, 64)
-    ids = profile.ids()
     config: dict[str, Any] = {"op_names": ups, "sparse_ratio": params.ratio, "granularity": "out_channel"}
     if params.global_pruning:
         config.update(global_group_id="mlps", max_sparse_ratio=params.max_layer_ratio)
@@ -775,10 +776,10 @@ def prune_id_taylor_nni(ctx: RecipeContext, params: IDTaylorNNIParams) -> dict[s
         batch_size = ctx.data.batch_size
         train = ctx.data.training(params.grad_samples, labels=True, batch_size=batch_size)
         trainer = _Trainer(train, params.lr, ctx.progress, "Taylor gradients (nni)")
-        pruner = IDWeightedPruner(model, [config], {u: ids[u] for u in ups}, base="taylor",
+        pruner = IDWeightedPruner(model, [config], profile, base="taylor",
                                   evaluator=trainer.evaluator(model), training_steps=len(train))
     else:
-        pruner = IDWeightedPruner(model, [config], {u: ids[u] for u in ups}, base="l1")
+        pruner = IDWeightedPruner(model, [config], profile, base="l1")
     try:
         _, masks = pruner.compress()
         masks = _nni_masks(masks)
