@@ -186,3 +186,31 @@ def test_bad_method_params_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(VLPruneError, match=r"unknown key 'prune_amp.delta'"):
         run_recipe("amp", model="testbed:llava", out=tmp_path / "b", progress=False, overrides={"prune_amp.delta": 0.1})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_id_platon_resumes_after_a_crash_mid_training(tmp_path: Path, llava: torch.nn.Module,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that dies inside the PLATON training loop resumes (the stage starts over from the model
+    the earlier stages left) and ends with the weights of an uninterrupted run."""
+    from vlprune.adapters.torch_pruning import PlatonImportance
+
+    whole = run_recipe("id-platon", model=llava, out=tmp_path / "whole", progress=False, overrides=TINY["id-platon"])
+    original = PlatonImportance.update
+    calls = {"n": 0}
+
+    def dying_update(self: PlatonImportance, model: torch.nn.Module) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed mid-training")
+        return original(self, model)
+
+    monkeypatch.setattr(PlatonImportance, "update", dying_update)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe("id-platon", model=llava, out=tmp_path / "run", progress=False, overrides=TINY["id-platon"])
+    assert (tmp_path / "run" / "stages" / "01-calibrate" / "result.json").is_file()
+    assert not (tmp_path / "run" / "stages" / "02-prune_id_platon" / "result.json").exists()
+    resumed = run_recipe("id-platon", model=llava, out=tmp_path / "run", progress=False, overrides=TINY["id-platon"],
+                         resume=True)
+    assert calls["n"] > 4  # the stage ran again
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
