@@ -98,6 +98,29 @@ def test_smollm2_cache_round_trip_gives_identical_weights(smollm2: dict[str, Any
 
 
 @needs_smollm2
+def test_smollm2_weights_equal_the_gguf_libraries_own_dequantisation(smollm2: dict[str, Any]) -> None:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(str(real_text.smollm2_gguf_path())).tensors}
+    model = smollm2["cached"]
+    # q/k are row-permuted by the GGUF converter (rotary layout); these are stored as is
+    pairs = {
+        "blk.0.ffn_down.weight": model.model.layers[0].mlp.down_proj.weight,
+        "blk.7.ffn_gate.weight": model.model.layers[7].mlp.gate_proj.weight,
+        "blk.29.ffn_up.weight": model.model.layers[29].mlp.up_proj.weight,
+        "blk.15.attn_v.weight": model.model.layers[15].self_attn.v_proj.weight,
+        "blk.15.attn_output.weight": model.model.layers[15].self_attn.o_proj.weight,
+        "token_embd.weight": model.model.embed_tokens.weight,
+    }
+    for name, weight in pairs.items():
+        t = tensors[name]
+        ref = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        assert torch.equal(ref, weight.detach()), name
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+
+
+@needs_smollm2
 def test_smollm2_natural_text_is_far_less_perplexing_than_shuffled_tokens(smollm2: dict[str, Any]) -> None:
     model, tok = smollm2["cached"], smollm2["tokenizer"]
     ids = tok(NATURAL_TEXT, return_tensors="pt")["input_ids"][:, :400]

@@ -289,7 +289,7 @@ def load_smollm2(refresh: bool = False) -> Any:
 
 
 def smollm2_tokenizer() -> Any:
-    """The SmolLM2 tokenizer (from the GGUF; cached with the model), with its chat template.
+    """The SmolLM2 tokenizer (from the GGUF; read from the cache once :func:`load_smollm2` wrote it).
 
     Returns:
         A transformers fast tokenizer; ``apply_chat_template`` works, eos/pad = ``<|im_end|>``.
@@ -298,12 +298,16 @@ def smollm2_tokenizer() -> Any:
         >>> tok = smollm2_tokenizer()          # doctest: +SKIP
         >>> ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)  # doctest: +SKIP
     """
-    cache, _, tokenizer = _smollm2_cache()
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cache, local_files_only=True)
-    return tokenizer
+    gguf = smollm2_gguf_path()
+    sha = _record_sha256(_SMOLLM2_DIST, f"{_SMOLLM2_PKG}/{SMOLLM2_GGUF}") or _sha256(gguf)
+    cache = real_cache_dir("smollm2")
+    if _smollm2_cache_valid(cache, sha):
+        return AutoTokenizer.from_pretrained(cache, local_files_only=True)
+    # no cache yet: read only the tokenizer from the GGUF (about 2 s); load_smollm2() writes the cache
+    _require_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
 
 
 # ------------------------------------------------------------------------------------------- MiniLM
