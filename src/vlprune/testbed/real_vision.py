@@ -360,8 +360,9 @@ def load_dinov2_s(use_cache: bool = True) -> Any:
                 logger.info("cached the converted DINOv2-S weights in %s", target)
             except OSError as exc:
                 logger.warning("cannot write the cache %s (%s); using the conversion uncached", target, exc)
-    model = Dinov2Model(dinov2_s_config())
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    with torch.device("meta"):  # no random init: every tensor comes from sd (assign=True)
+        model = Dinov2Model(dinov2_s_config())
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise VLPruneError(
             f"converted DINOv2-S weights do not fit Dinov2Model (missing {missing}, unexpected "
