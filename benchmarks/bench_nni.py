@@ -71,6 +71,7 @@ import torch
 from torch import nn
 
 from _common import quiet_cpu_setup  # benchmarks/_common.py: the script folder is on sys.path
+from vlprune.testbed.demo import _latency_pair  # median per-forward time of two models, alternating rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("llava", "clip")
@@ -361,20 +362,6 @@ def _masks_kept(setup: dict[str, Any], masks: dict[str, dict[str, torch.Tensor]]
     return out
 
 
-def _latency(a: nn.Module, b: nn.Module, batch: dict[str, torch.Tensor], rounds: int, repeats: int) -> tuple[float, float]:
-    """Median per-forward CPU time of ``a`` and ``b``, alternating rounds, after one warm-up call each."""
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.no_grad():
-        a(**batch), b(**batch)
-        for _ in range(rounds):
-            for model, sink in ((a, times[0]), (b, times[1])):
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    model(**batch)
-                sink.append((time.perf_counter() - start) / repeats)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def run_one(setup: dict[str, Any], method: str, sparsity: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One method at one sparsity from a fresh copy of the testbed model, training sequence ``seed``."""
     from vlprune.adapters.nni import shrink
@@ -426,7 +413,7 @@ def run_one(setup: dict[str, Any], method: str, sparsity: float, seed: int, args
     row["steps"] = trainer.offset
     row["final_loss"] = round(statistics.mean(trainer.losses[-10:]), 4) if trainer.losses else None
     row["metric"] = _evaluate(name, model, args.n_eval)
-    dense_s, pruned_s = _latency(setup["model"], model, setup["latency_batch"], args.latency_rounds, args.latency_repeats)
+    dense_s, pruned_s = _latency_pair(setup["model"], model, setup["latency_batch"], args.latency_rounds, args.latency_repeats)
     row.update(latency_dense_ms=round(1000 * dense_s, 2), latency_ms=round(1000 * pruned_s, 2),
                latency_ratio=round(pruned_s / dense_s, 3))
     return row

@@ -15,7 +15,7 @@ NAMES = (
     "IDWeightedImportance", "PlatonImportance", "AMPEntropyImportance", "KeepHeads", "KeepNeurons", "step_pruner",
     "head_step_guard", "amp_ratio_dict", "cubic_scheduler", "pruning_steps", "group_layer_names", "check_ratio",
     "call_importance", "check_finite", "hf_pruner_kwargs", "unwrapped_parameters", "positive_dims", "prune_hf_model",
-    "_output_transform", "_heads_to_remove", "_snapshot", "_restore", "_PositiveDims", "_PositiveDimsForward",
+    "_output_transform", "_heads_to_remove", "_PositiveDims", "_PositiveDimsForward",
     "_DIM_ARG", "_FloorWrapper", "_lift_value", "_scope_limits", "_OUT_FNS", "_matches",
 )
 HF = ("KeepHeads", "KeepNeurons", "hf_pruner_kwargs", "positive_dims", "prune_hf_model", "unwrapped_parameters")

@@ -597,7 +597,7 @@ _HF_NAMES = frozenset({
     "KeepHeads", "KeepNeurons", "hf_pruner_kwargs", "positive_dims", "prune_hf_model", "unwrapped_parameters",
     # private, kept importable from here for existing code
     "_DIM_ARG", "_FloorWrapper", "_PositiveDims", "_PositiveDimsForward", "_lift_value", "_negative",
-    "_output_transform", "_rank", "_restore", "_scope_limits", "_snapshot",
+    "_output_transform", "_rank", "_scope_limits",
 })
 
 if TYPE_CHECKING:

