@@ -829,7 +829,7 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             needs="gradients",
             adapters={
                 "torch_pruning": "vlprune.adapters.torch_pruning:AMPEntropyImportance",
-                "nni": "vlprune.adapters.nni.amp_layers:AMPPruner",
+                "nni": "vlprune.adapters.nni.amp:AMPPruner",
             },
             description="label-free entropy Taylor importance of MLP hidden neurons; widths by binary search",
             source="Shen et al., Adaptive MLP Pruning for Large Vision Transformers, 2026",

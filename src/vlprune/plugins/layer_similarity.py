@@ -702,7 +702,7 @@ def vlprune_register_criteria() -> list[CriterionSpec]:
             needs="calibration",
             adapters={
                 "hf_layers": f"{module}:layer_similarity",
-                "nni": "vlprune.adapters.nni.amp_layers:LayerSimilarityPruner",
+                "nni": "vlprune.adapters.nni.layers:LayerSimilarityPruner",
             },
             description="cosine(input, output) of each decoder layer per domain (higher = more removable); "
             "domain-aware ranking, rank / spacing / regime selection",

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import vlprune  # noqa: E402
 import vlprune.plugins.amp as amp  # noqa: E402
 import vlprune.testbed as tb  # noqa: E402
-from vlprune.adapters.nni.amp_layers import (  # noqa: E402
+from vlprune.adapters.nni import (  # noqa: E402
     AMPPruner,
     LayerSimilarityPruner,
     amp_config_list,

@@ -16,7 +16,7 @@ from nni.compression import TorchEvaluator  # noqa: E402
 from nni.compression.distillation import DynamicLayerwiseDistiller  # noqa: E402
 from nni.compression.pruning import AGPPruner, LinearPruner  # noqa: E402
 
-from vlprune.adapters.nni.amp_layers import AMPPruner  # noqa: E402
+from vlprune.adapters.nni.amp import AMPPruner  # noqa: E402
 from vlprune.adapters.nni.pruners import IDWeightedPruner, PlatonPruner  # noqa: E402
 from vlprune.adapters.nni.speedup import shrink  # noqa: E402
 from vlprune.plugins.intrinsic_dim import IDProfile, LayerID  # noqa: E402

@@ -23,15 +23,11 @@ Example:
 
 from __future__ import annotations
 
-from vlprune.adapters.nni.amp_layers import (
-    AMPPruner,
-    LayerSimilarityPruner,
-    amp_config_list,
-    exact_sparse_ratio,
-    layer_config_list,
-)
+from vlprune.adapters.nni._shared import exact_sparse_ratio
+from vlprune.adapters.nni.amp import AMPPruner, amp_config_list
 from vlprune.adapters.nni.config import check_config_list, nni_prunable_types, select_modules
 from vlprune.adapters.nni.evaluators import PatchedTransformersEvaluator
+from vlprune.adapters.nni.layers import LayerSimilarityPruner, layer_config_list
 from vlprune.adapters.nni.pruners import IDWeightedPruner, PlatonPruner, fenced_generate_sparsity
 from vlprune.adapters.nni.speedup import ShrinkReport, head_masks, shrink
 
