@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from _common import quiet_cpu_setup  # benchmarks/_common.py: the script folder is on sys.path
-from vlprune.testbed.demo import _latency_pair  # median per-forward time of two models, alternating rounds
+from vlprune.recipes.report import side_by_side_latency  # median per-forward ms of two models, alternating
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("llava", "clip")
@@ -413,9 +413,10 @@ def run_one(setup: dict[str, Any], method: str, sparsity: float, seed: int, args
     row["steps"] = trainer.offset
     row["final_loss"] = round(statistics.mean(trainer.losses[-10:]), 4) if trainer.losses else None
     row["metric"] = _evaluate(name, model, args.n_eval)
-    dense_s, pruned_s = _latency_pair(setup["model"], model, setup["latency_batch"], args.latency_rounds, args.latency_repeats)
-    row.update(latency_dense_ms=round(1000 * dense_s, 2), latency_ms=round(1000 * pruned_s, 2),
-               latency_ratio=round(pruned_s / dense_s, 3))
+    dense_ms, pruned_ms = side_by_side_latency(setup["model"], model, setup["latency_batch"],
+                                               repeats=args.latency_rounds * args.latency_repeats)
+    row.update(latency_dense_ms=round(dense_ms, 2), latency_ms=round(pruned_ms, 2),
+               latency_ratio=round(pruned_ms / dense_ms, 3))
     return row
 
 

@@ -14,9 +14,7 @@ import contextlib
 import copy
 import io
 import logging
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch_pruning as tp
 
 import vlprune
 from vlprune.adapters.torch_pruning import IDWeightedImportance, prune_hf_model
+from vlprune.recipes.report import side_by_side_latency
 from vlprune.testbed.tiny import example_inputs, tiny_model
 
 logger = logging.getLogger("vlprune.demo")
@@ -36,22 +35,6 @@ def _count(model: torch.nn.Module, example: dict[str, torch.Tensor]) -> tuple[fl
     """MACs and parameters by Torch-Pruning's counter (its chatter on stdout silenced)."""
     with contextlib.redirect_stdout(io.StringIO()):
         return tp.utils.count_ops_and_params(model, example)
-
-
-def _latency_pair(
-    a: torch.nn.Module, b: torch.nn.Module, batch: dict[str, torch.Tensor], rounds: int = 7, repeats: int = 10
-) -> tuple[float, float]:
-    """Median per-call CPU latency of two models, measured in alternating rounds."""
-    times: tuple[list[float], list[float]] = ([], [])
-    with torch.no_grad():
-        a(**batch), b(**batch)
-        for _ in range(rounds):
-            for model, sink in ((a, times[0]), (b, times[1])):
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    model(**batch)
-                sink.append((time.perf_counter() - start) / repeats)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 @dataclass
@@ -121,7 +104,8 @@ def run(out: Path, model_name: str = "testbed", ratio: float = 0.4, n_samples: i
     model.zero_grad(set_to_none=True)
 
     macs, params = _count(model, setup.example)
-    before_latency, after_latency = _latency_pair(original, model, setup.reference)
+    before_ms, after_ms = side_by_side_latency(original, model, setup.reference, repeats=70)
+    before_latency, after_latency = before_ms / 1000.0, after_ms / 1000.0
     del original
     after_quality = setup.quality(model) if setup.quality else {}
     with torch.no_grad():
