@@ -19,6 +19,16 @@ Three pieces, each usable alone (METHODS.md section 3):
   layer on: the input of its block is cached once and replayed (checked against the full forward,
   with a fallback to full forwards where a model's blocks cannot be replayed).
 
+Several processes (:mod:`vlprune.plugins.distributed`): inside a ``torch.distributed`` process
+group each rank's batches are its shard and batch ``i`` of every rank together form global batch
+``i`` (sizes may differ; every rank needs the same number of batches). The entropy objective is
+computed over the global batch, as the paper does: the L2-normalised embeddings are all-gathered with
+their gradients (``torch.distributed.nn.functional.all_gather``); each rank scores its own rows
+against all of them, so the gradient reaching each activation is that of the global objective.
+Importance sums and counts are all-reduced, and the width search evaluates the global objective,
+so every rank returns what one process returns on the union. ``objective="onehot"`` and callable
+objectives see the rank's own batch only (the sums are still all-reduced).
+
 The neuron order used everywhere is :func:`neuron_order` (descending score, ties broken by index),
 so the Torch-Pruning adapter (:class:`vlprune.adapters.torch_pruning.AMPEntropyImportance`) removes
 exactly the neurons the search switched off.
@@ -49,12 +59,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
+from vlprune.plugins import distributed
 from vlprune.plugins.capture import call_model, iterate_batches, preserved_mode
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.structure import MLPLayout, mlp_layouts
 
 __all__ = [
     "entropy_objective",
+    "sharded_entropy_objective",
     "onehot_objective",
     "default_embedding",
     "token_set_embedding",
@@ -125,6 +137,45 @@ def entropy_objective(embeddings: torch.Tensor, tau: float = 0.05, targets: torc
     t = z if targets is None else F.normalize(_check_embeddings(targets, "targets").to(z.dtype), dim=-1)
     logp = torch.log_softmax(z @ t.T / tau, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
+def sharded_entropy_objective(embeddings: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """:func:`entropy_objective` over the global batch: this rank's ``(B_r, D)`` embeddings with those
+    of every rank (equal to :func:`entropy_objective` outside a process group).
+
+    Each rank's rows are compared with the all-gathered rows of every rank (gradients flow back
+    through the gather); the returned value is the global ``E`` on every rank, and its gradient is
+    that of this rank's share ``-(1/B) sum_{i in rank} sum_j p_ij log p_ij``, so that the gradients
+    all ranks send back through the gather add up to ``dE/dz``. Every rank must call it together.
+
+    Args:
+        embeddings: this rank's ``(B_r, D)`` embeddings (``B_r`` may differ per rank, even be 1).
+        tau: softmax temperature.
+
+    Returns:
+        Scalar tensor: the global batch's objective.
+
+    Raises:
+        DataError: not a ``(B_r, D)`` float tensor; a global batch of fewer than 2 samples.
+    """
+    if not distributed.is_active():
+        return entropy_objective(embeddings, tau)
+    tau = _check_tau(tau)
+    z = embeddings
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise DataError(f"embeddings must be a float tensor of shape (batch, dim), got {shape}")
+    z = F.normalize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=-1)
+    every = distributed.gather_rows(z, grad=torch.is_grad_enabled() and z.requires_grad)
+    if every.shape[0] < 2:
+        raise DataError(
+            f"the global batch has {every.shape[0]} sample(s) over all ranks: the entropy of the similarity "
+            "distribution needs B >= 2"
+        )
+    logp = torch.log_softmax(z @ every.T / tau, dim=-1)
+    share = -(logp.exp() * logp).sum() / every.shape[0]
+    total = distributed.all_reduce_sum(share.detach())
+    return share + (total - share.detach())
 
 
 def onehot_objective(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
@@ -261,8 +312,8 @@ def batch_objective(
         return objective
     tau = _check_tau(tau)
     embed_fn = embed or default_embedding
-    if objective == "entropy":
-        return lambda model, batch: entropy_objective(embed_fn(model, batch), tau)
+    if objective == "entropy":  # over the global batch inside a process group
+        return lambda model, batch: sharded_entropy_objective(embed_fn(model, batch), tau)
     if objective == "onehot":
 
         def onehot(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -369,11 +420,16 @@ def neuron_importance(
 
     Raises:
         ModelStructureError: no MLP, unknown names, or no MLP reaches the objective.
-        DataError: empty batches, a batch of one sample, a non-finite objective.
+        DataError: empty batches, a batch of one sample, a non-finite objective; in a process
+            group: a rank with no batches, ranks with different numbers of batches.
+        VLPruneError: in a process group, ranks with different arguments or model shapes (on every rank).
     """
-    layouts = find_mlps(model, mlps)
-    data = iterate_batches(batches)
-    fn = batch_objective(objective, tau, embed)
+    config = {"mlps": mlps, "tau": tau, "objective": objective, "embed": embed}
+    with distributed.guard("AMP neuron_importance", model=model, config=config) as check:
+        layouts = find_mlps(model, mlps)
+        data = iterate_batches(batches)
+        check.count("batches", len(data), equal=True)
+        fn = batch_objective(objective, tau, embed)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     captured: dict[str, list[torch.Tensor]] = {}
@@ -424,6 +480,10 @@ def neuron_importance(
         for h in handles:
             h.remove()
         captured.clear()
+    if distributed.is_active():  # every rank's samples: per-neuron sums and the sample count add up
+        total = distributed.all_reduce_sum({**sums, " count": torch.tensor(float(count), dtype=torch.float64)})
+        count = int(round(float(total.pop(" count"))))
+        sums = total
     dropped = [n for n in layouts if n not in sums]
     if dropped:
         logger.info("AMP: %d MLP(s) do not reach the objective and are not scored, e.g. %s", len(dropped), dropped[0])
@@ -523,9 +583,12 @@ def evaluate_objective(
     objective: Objective | ObjectiveFn = "entropy",
     embed: EmbedFn | None = None,
 ) -> float:
-    """Mean of the per-batch objective over ``batches`` (no gradient, eval mode)."""
-    data = iterate_batches(batches)
-    fn = batch_objective(objective, tau, embed)
+    """Mean of the per-batch objective over ``batches`` (no gradient, eval mode); in a process group,
+    of the global batches (every rank the same number of batches)."""
+    with distributed.guard("AMP evaluate_objective", model=model, config={"tau": tau, "objective": objective}) as check:
+        data = iterate_batches(batches)
+        check.count("batches", len(data), equal=True)
+        fn = batch_objective(objective, tau, embed)
     with preserved_mode(model, training=False), torch.no_grad():
         return _mean_objective(model, data, fn)
 
@@ -682,23 +745,27 @@ def search_widths(
         ModelStructureError: a name that is not an MLP, or scores of the wrong length.
         DataError: empty held-out batches, a batch of one sample.
     """
-    if not (isinstance(delta_e, (int, float)) and math.isfinite(delta_e) and delta_e >= 0):
-        raise VLPruneError(f"delta_e must be a finite number >= 0 (largest objective increase per layer), got {delta_e!r}")
-    if not (isinstance(halvings, int) and halvings >= 1):
-        raise VLPruneError(f"halvings must be an integer >= 1, got {halvings!r}")
-    if not (isinstance(min_keep, int) and min_keep >= 1):
-        raise VLPruneError(f"min_keep must be an integer >= 1, got {min_keep!r}")
-    if rule not in ("rise", "change", None):
-        raise VLPruneError(f"rule must be 'rise', 'change' or None (per model), got {rule!r}")
-    if not importance:
-        raise VLPruneError("importance is empty: compute it with neuron_importance(model, batches) first")
-    layouts = find_mlps(model, list(importance))
-    sizes = {n: hidden_size(model, layouts[n]) for n in layouts}
-    for n, s in importance.items():
-        if s.dim() != 1 or s.numel() != sizes[n]:
-            raise ModelStructureError(f"importance of {n} has {tuple(s.shape)} scores, the MLP has {sizes[n]} neurons")
-    data = iterate_batches(batches)
-    fn = batch_objective(objective, tau, embed)
+    config = {"importance": importance, "delta_e": delta_e, "tau": tau, "objective": objective, "embed": embed,
+              "halvings": halvings, "min_keep": min_keep, "rule": rule, "reuse_blocks": reuse_blocks}
+    with distributed.guard("AMP search_widths", model=model, config=config) as check:
+        if not (isinstance(delta_e, (int, float)) and math.isfinite(delta_e) and delta_e >= 0):
+            raise VLPruneError(f"delta_e must be a finite number >= 0 (largest objective increase per layer), got {delta_e!r}")
+        if not (isinstance(halvings, int) and halvings >= 1):
+            raise VLPruneError(f"halvings must be an integer >= 1, got {halvings!r}")
+        if not (isinstance(min_keep, int) and min_keep >= 1):
+            raise VLPruneError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+        if rule not in ("rise", "change", None):
+            raise VLPruneError(f"rule must be 'rise', 'change' or None (per model), got {rule!r}")
+        if not importance:
+            raise VLPruneError("importance is empty: compute it with neuron_importance(model, batches) first")
+        layouts = find_mlps(model, list(importance))
+        sizes = {n: hidden_size(model, layouts[n]) for n in layouts}
+        for n, s in importance.items():
+            if s.dim() != 1 or s.numel() != sizes[n]:
+                raise ModelStructureError(f"importance of {n} has {tuple(s.shape)} scores, the MLP has {sizes[n]} neurons")
+        data = iterate_batches(batches)
+        check.count("batches", len(data), equal=True)
+        fn = batch_objective(objective, tau, embed)
     if rule is None:
         rule = default_rule(model, data[0], objective, embed)
         logger.info("AMP: search rule %r", rule)

@@ -23,6 +23,10 @@ Selection (:mod:`vlprune.plugins.layer_selection`, re-exported here: :func:`sele
 two adjacent, gaps as even as the scores allow), ``consecutive`` (best run of k) and ``regime``
 (rank at low budgets, spacing at high ones), with the first / last layers protected.
 
+Several processes: inside a ``torch.distributed`` process group each rank's batches are its shard;
+the per-layer sums and counts are all-reduced, so every rank returns what one process returns on the
+union (:mod:`vlprune.plugins.distributed`; opt out with its ``local_only()``).
+
 Choices where the paper is silent (each a parameter): token-weighted mean over all non-padding
 tokens of all samples (``weighting="token"``; ``"sample"`` averages each sample's tokens first);
 padding excluded (ShortGPT's official code includes it); cosine in float32 (``dtype=``) whatever the
@@ -58,6 +62,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
+from vlprune.plugins import distributed
 from vlprune.plugins.capture import batch_mask, call_model, first_tensor, iterate_batches, preserved_mode
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.layer_selection import (  # re-exported: selection lives in its own module
@@ -363,11 +368,21 @@ def _layer_pairs(
     progress: bool,
     desc: str,
 ) -> _LayerPairs:
-    _check_common(tokens, weighting, dtype)
-    names = decoder_layers(model, layers)
-    data = iterate_batches(batches)
-    with _LayerPairs(model, names, tokens, weighting, dtype, keep_last) as pairs:
-        pairs.run(data, progress, desc)
+    config = {"layers": layers, "tokens": tokens, "weighting": weighting, "dtype": dtype, "keep_last": keep_last}
+    with distributed.guard(desc, model=model, config=config) as check:  # no collective before every rank is here
+        _check_common(tokens, weighting, dtype)
+        names = decoder_layers(model, layers)
+        data = iterate_batches(batches)
+        check.count("batches", len(data))
+        with _LayerPairs(model, names, tokens, weighting, dtype, keep_last) as pairs:
+            pairs.run(data, progress, desc)
+    if distributed.is_active():  # each rank's batches are its shard: the sums and counts add up
+        total = distributed.all_reduce_sum(
+            {"sums": pairs.sums, "counts": pairs.counts, "angular": pairs.angular,
+             "samples": torch.tensor(float(pairs.samples), dtype=torch.float64)}
+        )
+        pairs.sums, pairs.counts, pairs.angular = total["sums"], total["counts"], total["angular"]
+        pairs.samples = int(round(float(total["samples"])))
     logger.debug("%s: %d decoder layers over %d batches", desc, len(names), len(data))
     return pairs
 
@@ -535,9 +550,10 @@ def angular_distance(
         >>> angular_distance(tiny_model("llava"), [example_inputs("llava", 4)], n=1, progress=False).shape
         torch.Size([2])
     """
-    n_layers = len(decoder_layers(model, layers))
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_layers:
-        raise VLPruneError(f"n (the run length) must be an integer in 1..{n_layers} (the decoder layers), got {n!r}")
+    with distributed.guard("angular distance", model=model, config={"n": n, "layers": layers}):
+        n_layers = len(decoder_layers(model, layers))
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_layers:
+            raise VLPruneError(f"n (the run length) must be an integer in 1..{n_layers} (the decoder layers), got {n!r}")
     matrix = angular_distance_matrix(model, batches, layers, dtype=dtype, progress=progress)
     return torch.stack([matrix[i, i + n] for i in range(n_layers - n + 1)])
 
@@ -581,13 +597,15 @@ def domain_similarity(
             "e.g. {'math': math_batches, 'general': general_batches}"
         )
     materialised: dict[str, list[Any]] = {}
-    for domain, data in domain_batches.items():
-        try:
-            materialised[domain] = iterate_batches(data)
-        except DataError:
-            raise DataError(f"domain {domain!r} has no calibration batches; give it at least one batch or drop it") from None
-    _check_common(tokens, weighting, dtype)
-    names = decoder_layers(model, layers)
+    config = {"domains": list(domain_batches), "layers": layers, "tokens": tokens, "weighting": weighting, "dtype": dtype}
+    with distributed.guard("domain similarity", model=model, config=config):
+        for domain, data in domain_batches.items():
+            try:
+                materialised[domain] = iterate_batches(data)
+            except DataError:
+                raise DataError(f"domain {domain!r} has no calibration batches; give it at least one batch or drop it") from None
+        _check_common(tokens, weighting, dtype)
+        names = decoder_layers(model, layers)
     return {
         d: layer_similarity(model, b, tokens, names, weighting=weighting, dtype=dtype, progress=progress)
         for d, b in materialised.items()

@@ -1,0 +1,190 @@
+"""Several processes: 2 gloo ranks on CPU give what 1 process gives on the union of their shards.
+
+One launch of ``tests/plugins/_distributed_worker.py`` on 2 ranks runs every scenario (uneven
+shards, Taylor / PLATON under DDP, pruning on every rank, and the bad inputs); the tests read what
+each rank saved. A second launch runs the README's ``torchrun --nproc_per_node 2`` command on
+``examples/distributed_profile.py``. Each launch has a timeout, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlprune.plugins import distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_env(world: int = 2) -> dict[str, str]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def launch(out: Path, world: int = 2) -> list[dict[str, Any]]:
+    """Run the worker on ``world`` ranks; fail (never block) on a hang or a crash."""
+    env = run_env(world)
+    procs = [
+        subprocess.Popen([sys.executable, str(WORKER), str(out)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {world} ranks did not finish within {TIMEOUT} s (a collective hung?)")
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r][-4000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch(tmp_path_factory.mktemp("dist"))
+
+
+def ok(result: Any) -> Any:
+    assert not (isinstance(result, tuple) and result and result[0] == "error"), f"raised: {result}"
+    return result
+
+
+def close(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            close(a[k], b[k], rtol, atol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            close(x, y, rtol, atol)
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    else:
+        assert a == pytest.approx(b, rel=rtol, abs=atol)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def test_single_process_is_untouched() -> None:
+    x = torch.randn(3, 2)
+    assert not distributed.is_active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.gather_rows(x) is x and distributed.all_reduce_sum(x) is x
+    with distributed.guard("x", config={"f": lambda: 0}) as g:
+        g.count("batches", 0)  # no process group: nothing to compare, no error
+
+
+def test_ranks_see_the_group(ranks: list[dict[str, Any]]) -> None:
+    assert [r["rank"] for r in ranks] == [(0, 2, True), (1, 2, True)]
+
+
+def test_gather_rows_uneven_and_with_grad(ranks: list[dict[str, Any]]) -> None:
+    expected = torch.cat([torch.full((n + 2, 3), float(n)) + torch.arange(3.0) for n in range(2)])
+    w = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    for r, res in enumerate(ranks):
+        got = ok(res["gather_rows"])
+        torch.testing.assert_close(got["rows"], expected, rtol=0, atol=0)
+        torch.testing.assert_close(got["with_empty"], torch.ones(2, 3), rtol=0, atol=0)
+        assert got["bf16"].dtype == torch.bfloat16 and torch.equal(got["bf16"].float(), expected.bfloat16().float())
+        # d/dx_r of sum_ranks sum(gather(x) * w): every rank's loss reaches x_r once
+        offset = 0 if r == 0 else 2
+        torch.testing.assert_close(got["grad"], 2 * w[offset : offset + r + 2])
+
+
+def test_all_reduce_sum(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        sums, number = ok(res["all_reduce_sum"])
+        torch.testing.assert_close(sums["a"], torch.full((2,), 3.0))
+        assert sums["n"].dtype == torch.int64 and int(sums["n"]) == 3 and number == 3
+    assert ok(ranks[0]["after_errors"]).item() == 2.0
+
+
+# -- criteria: 2 ranks == 1 process on the union --------------------------------------------------
+
+
+def test_layer_similarity_matches_one_process_on_the_union(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["layer_similarity"]), ok(ranks[1]["layer_similarity"])
+    for key in ("sim", "last", "angular", "bi"):
+        close(r0[key], r0["ref_" + key], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(r1[key], r0[key], rtol=0, atol=0)
+    assert not torch.allclose(r0["local_sim"], r0["ref_sim"], rtol=1e-6, atol=0), "the shards must matter"
+
+
+def test_amp_importance_search_and_objective_match_the_union(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["amp"]), ok(ranks[1]["amp"])
+    close(r0["scores"], r0["ref_scores"], rtol=1e-4, atol=1e-7)
+    close(r1["scores"], r0["scores"], rtol=0, atol=0)
+    assert r0["widths"] == r0["ref_widths"] == r1["widths"]
+    assert r0["objective"] == pytest.approx(r0["ref_objective"], rel=1e-6) and r1["objective"] == r0["objective"]
+    local = r0["local_scores"]
+    assert any(not torch.allclose(local[n], r0["ref_scores"][n], rtol=1e-3) for n in local), "the shards must matter"
+
+
+def test_every_rank_prunes_identically(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["prune_identically"]), ok(ranks[1]["prune_identically"])
+    assert r0["changed"] and r0["shape"][0] < 64
+    assert r0["digests"][0] == r0["digests"][1] == r1["digests"][0]
+    assert r0["digests"][0] == r0["ref_digest"]
+
+
+def test_taylor_and_platon_under_ddp_agree_with_the_union(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["ddp_taylor_platon"]), ok(ranks[1]["ddp_taylor_platon"])
+    close(r0["taylor"], r0["ref_taylor"], rtol=1e-5, atol=1e-7)
+    close(r0["platon"], r0["ref_platon"], rtol=1e-5, atol=1e-9)
+    close(r1["taylor"], r0["taylor"], rtol=0, atol=0)
+    close(r1["platon"], r0["platon"], rtol=0, atol=0)
+
+
+# -- bad input: a VLPruneError on every rank, no hang ----------------------------------------------
+
+
+def error_of(res: Any) -> tuple[str, str]:
+    assert isinstance(res, tuple) and res[0] == "error", f"no error raised: {type(res)}"
+    return res[1], res[2]
+
+
+def test_different_config_raises_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        cls, msg = error_of(res["bad_config"])
+        assert cls == "VLPruneError" and "'tau'" in msg and "rank 1" in msg
+
+
+def test_different_model_shapes_raise_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        cls, msg = error_of(res["bad_model"])
+        assert cls == "VLPruneError" and "layers.1.mlp.down_proj.weight" in msg and "(32, 63)" in msg
+
+
+@pytest.mark.parametrize("case", ["no_data", "no_data_amp"])
+def test_a_rank_with_no_data_raises_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
+    for res in ranks:
+        cls, msg = error_of(res[case])
+        assert cls == "DataError" and "empty" in msg
+    assert "rank(s) 1" in error_of(ranks[0][case])[1]
+
+
+def test_amp_needs_equal_batch_counts(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        cls, msg = error_of(res["amp_unequal_batches"])
+        assert cls == "DataError" and "[1, 2]" in msg
