@@ -189,6 +189,36 @@ def main() -> None:
                 out["ref_taylor"], out["ref_platon"] = ref_taylor, ref_platon.scores()
         return out
 
+    @scenario("distill")
+    def _() -> Any:
+        from vlprune.recipes.distill import distill
+
+        def shard(step: int, r: int) -> dict[str, torch.Tensor]:
+            return {"pixel_values": example_inputs("clip", 3 - r, seed=500 + 10 * step + r)["pixel_values"]}
+
+        teacher = tiny_model("clip")
+        kwargs = dict(lr=1e-2, clip_grad=1.0, progress=False)
+        checkpoint = os.path.join(sys.argv[1], "distill_ckpt")
+        saves = []
+        real_save = torch.save
+        torch.save = lambda obj, f, *a, **k: (saves.append(str(f)), real_save(obj, f, *a, **k))[1]  # type: ignore[assignment]
+        try:
+            student = tiny_model("clip", seed=1)
+            log = distill(student, teacher, lambda step: shard(step, RANK), 3, checkpoint=checkpoint, save_every=2, **kwargs)
+            weights = {k: v.clone() for k, v in student.state_dict().items()}
+            resumed = distill(student, teacher, lambda step: shard(step, RANK), 4, checkpoint=checkpoint, **kwargs)
+        finally:
+            torch.save = real_save  # type: ignore[assignment]
+        out = {"weights": weights, "saves": saves, "loss": log["loss"], "start": resumed["start_step"],
+               "digest": digest(student)}
+        if RANK == 0:
+            with distributed.local_only():
+                ref = tiny_model("clip", seed=1)
+                union = lambda step: cat_batches([shard(step, r) for r in range(WORLD)])  # noqa: E731
+                out["ref_loss"] = distill(ref, teacher, union, 3, **kwargs)["loss"]
+                out["ref_weights"] = {k: v.clone() for k, v in ref.state_dict().items()}
+        return out
+
     # -- bad input: every rank must raise, nobody hangs ---------------------------------------------
     @scenario("bad_config")
     def _() -> Any:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlprune.plugins import distributed
+from vlprune.testbed.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_distributed_worker.py")
@@ -188,3 +189,19 @@ def test_amp_needs_equal_batch_counts(ranks: list[dict[str, Any]]) -> None:
     for res in ranks:
         cls, msg = error_of(res["amp_unequal_batches"])
         assert cls == "DataError" and "[1, 2]" in msg
+
+
+def test_distill_under_ddp_matches_the_union_and_only_rank_0_writes(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["distill"]), ok(ranks[1]["distill"])
+    # uneven shards (3 + 2 samples per step). Attention key biases are left out: softmax is invariant
+    # to them, their true gradient is 0 and AdamW turns its rounding noise into full-size steps
+    keys = [k for k in r0["weights"] if not k.endswith("k_proj.bias")]
+    assert len(keys) > 50
+    close({k: r0["weights"][k] for k in keys}, {k: r0["ref_weights"][k] for k in keys}, rtol=1e-4, atol=1e-6)
+    moved = tiny_model("clip", seed=1).state_dict()
+    assert not torch.allclose(moved["vision_model.encoder.layers.0.mlp.fc1.weight"],
+                              r0["weights"]["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    close(r1["weights"], r0["weights"], rtol=0, atol=0)
+    assert [v for _, v in r0["loss"]] == pytest.approx([v for _, v in r0["ref_loss"]], rel=1e-5)
+    assert r0["saves"] and not r1["saves"], "only rank 0 writes the checkpoint"
+    assert r0["start"] == r1["start"] == 3 and r0["digest"] == r1["digest"]  # both resumed from rank 0's file

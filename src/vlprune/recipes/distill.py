@@ -17,6 +17,15 @@ Training is :func:`vlprune.recipes.finetune.train_loop` (AdamW, warm-up + cosine
 With ``checkpoint=<dir>`` the student, the optimizer and the step are saved every ``save_every``
 steps (atomically) and a later call with the same directory resumes where it stopped.
 
+Several processes (``torchrun``; :mod:`vlprune.plugins.distributed`): inside a process group each
+rank's ``batches(step)`` is its shard of global step ``step``; the student is wrapped in
+``DistributedDataParallel`` (rank 0's weights are copied to every rank when it is wrapped) and each
+rank's loss is weighted by its share of the step's samples, so the averaged gradient is that of the
+loss over the union of the shards even when they are uneven, and every rank ends with the same
+student as one process would on the union. Only rank 0 writes the checkpoint (and reads it when
+resuming; the state is broadcast). Arguments, student and teacher shapes are checked to agree on
+every rank first.
+
 Example:
     >>> from vlprune.recipes.distill import distill                              # doctest: +SKIP
     >>> log = distill(pruned, original, lambda step: {"pixel_values": images(step)}, steps=300,
@@ -36,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlprune.errors import ModelStructureError, VLPruneError
+from vlprune.plugins import distributed
 from vlprune.plugins.amp import image_output, pooled_embedding
 from vlprune.plugins.capture import call_model, preserved_mode
 from vlprune.recipes.finetune import train_loop
@@ -175,19 +185,25 @@ def distill(
         step's loss terms).
 
     Raises:
-        VLPruneError: bad arguments, a checkpoint of another model, mismatched feature shapes.
+        VLPruneError: bad arguments, a checkpoint of another model, mismatched feature shapes; in a
+            process group, ranks with different arguments or model shapes (on every rank).
     """
-    if steps < 1:
-        raise VLPruneError(f"steps must be >= 1, got {steps}")
-    if save_every < 1:
-        raise VLPruneError(f"save_every must be >= 1, got {save_every}")
-    if student is teacher:
-        raise VLPruneError("student and teacher are the same object: distil a pruned copy from the original")
+    config = {k: v for k, v in locals().items() if k not in ("student", "teacher", "batches")}
+    config["teacher"] = distributed.model_fingerprint(teacher)
+    with distributed.guard("distill", model=student, config=config):
+        if steps < 1:
+            raise VLPruneError(f"steps must be >= 1, got {steps}")
+        if save_every < 1:
+            raise VLPruneError(f"save_every must be >= 1, got {save_every}")
+        if student is teacher:
+            raise VLPruneError("student and teacher are the same object: distil a pruned copy from the original")
     feature_fn = features or (lambda m, b: default_features(m, b, logits=logit_weight > 0))
     path = Path(checkpoint) / _STATE if checkpoint is not None else None
     start, optimizer_state = 0, None
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False) if (
+        path is not None and distributed.is_main() and path.is_file()) else None
+    state = distributed.broadcast_object(state)  # rank 0 reads the checkpoint, every rank resumes from it
+    if state is not None:
         try:
             student.load_state_dict(state["model"])
         except RuntimeError as err:
@@ -195,21 +211,25 @@ def distill(
         start, optimizer_state = int(state["step"]) + 1, state["optimizer"]
         logger.info("distillation resumes at step %d of %d from %s", start, steps, path)
     last_terms: dict[str, float] = {}
+    sharded = distributed.is_active()
 
     def loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
             target = feature_fn(teacher, inputs)
         terms = distill_loss(
-            feature_fn(model, inputs), target, embed_weight=embed_weight, token_weight=token_weight,
-            logit_weight=logit_weight, temperature=temperature, mask=inputs.get("attention_mask"),
+            model(inputs) if sharded else feature_fn(model, inputs), target, embed_weight=embed_weight,
+            token_weight=token_weight, logit_weight=logit_weight, temperature=temperature,
+            mask=inputs.get("attention_mask"),
         )
         last_terms.clear()
         last_terms.update({k: float(v.detach()) for k, v in terms.items()})
-        return terms["total"]
+        if not sharded:
+            return terms["total"]
+        return _union_loss(terms["total"], _samples(inputs))
 
     def save(step: int, optimizer: torch.optim.Optimizer, _log: dict[str, Any]) -> None:
-        if path is None or ((step + 1) % save_every and step != steps - 1):
+        if path is None or ((step + 1) % save_every and step != steps - 1) or not distributed.is_main():
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -223,9 +243,12 @@ def distill(
         if start >= steps:
             log: dict[str, Any] = {"loss": [], "seconds": 0.0}
         else:
+            trained: nn.Module = student
+            if sharded:  # gradients averaged over the ranks; find_unused: e.g. CLIP's text tower
+                trained = nn.parallel.DistributedDataParallel(_Features(student, feature_fn), find_unused_parameters=True)
             with preserved_mode(teacher, training=False):
                 log = train_loop(
-                    student, batches, steps, lr=lr, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad,
+                    trained, batches, steps, lr=lr, weight_decay=weight_decay, warmup=warmup, clip_grad=clip_grad,
                     loss_fn=loss_fn, progress=progress, start_step=start, optimizer_state=optimizer_state,
                     after_step=save, desc="distill",
                 )
@@ -233,6 +256,36 @@ def distill(
         for p, flag in zip(teacher.parameters(), teacher_flags):
             p.requires_grad_(flag)
     student.eval()
+    distributed.barrier()  # rank 0's checkpoint is written before any rank goes on
     log["start_step"] = start
     log["terms"] = dict(last_terms)
     return log
+
+
+class _Features(nn.Module):
+    """The student seen through ``features``: what ``DistributedDataParallel`` wraps, so that its
+    forward (and so the gradient averaging) runs on every step whatever method ``features`` calls."""
+
+    def __init__(self, student: nn.Module, features: FeatureFn) -> None:
+        super().__init__()
+        self.student = student
+        self.features = features
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return self.features(self.student, batch)
+
+
+def _samples(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+def _union_loss(loss: torch.Tensor, samples: int) -> torch.Tensor:
+    """This rank's loss weighted by its share of the step's samples (``n_r * world / N``), so that
+    the gradient DDP averages is that of the sample-weighted mean loss over the union of the shards;
+    its value is that union loss (the same on every rank)."""
+    total = distributed.all_reduce_sum(torch.tensor([float(samples), float(loss.detach()) * samples], dtype=torch.float64))
+    weighted = loss * (samples * distributed.world_size() / float(total[0]))
+    return weighted + (float(total[1] / total[0]) - weighted.detach())
