@@ -146,11 +146,16 @@ class StoreRows:
     ``"flatten"`` rows of batches with different sequence lengths are zero-padded to the longest
     length seen when :meth:`result` is called.
 
+    Subclasses choose where rows live by overriding :meth:`_keep` and :meth:`_stored_chunks`
+    (:class:`vlprune.plugins.id_storage.SpillingRows` moves them to disk past a memory budget).
+
     Args:
         representation: see :func:`represent`.
         n_samples: number of rows kept (None: all).
         dtype: storage dtype (float32 by default; float16 halves memory for wide layers).
         name: module name, used in error messages.
+        transform: applied to each batch's float32 rows (after the NaN/Inf check, before
+            storage), e.g. a random-projection sketch (:class:`vlprune.plugins.id_sketch.SparseSignSketch`).
     """
 
     def __init__(
@@ -159,11 +164,13 @@ class StoreRows:
         n_samples: int | None = None,
         dtype: torch.dtype = torch.float32,
         name: str = "",
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.representation = representation
         self.n_samples = n_samples
         self.dtype = dtype
         self.name = name
+        self.transform = transform
         self._chunks: list[torch.Tensor] = []
         self._rows = 0
         self._width = 0
@@ -189,17 +196,38 @@ class StoreRows:
             )
         if self.n_samples is not None:
             rows = rows[: self.n_samples - self._rows]
-        self._chunks.append(rows.to(self.dtype).cpu())
+        if self.transform is not None:
+            rows = self.transform(rows)
+        stored = rows.to(self.dtype).cpu()
+        if stored.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            # a view of the module's output: copy it, or an in-place op after the module (ReLU(inplace=True))
+            # would change the stored rows, and the view would keep the whole output alive
+            stored = stored.clone()
+        self._keep(stored)
         self._rows += rows.shape[0]
         self._width = max(self._width, rows.shape[1])
 
+    @property
+    def width(self) -> int:
+        """Widest row stored so far (0 before the first batch)."""
+        return self._width
+
+    def _keep(self, chunk: torch.Tensor) -> None:
+        """Store one batch's rows (already in ``dtype``, on the CPU)."""
+        self._chunks.append(chunk)
+
+    def _stored_chunks(self) -> list[torch.Tensor]:
+        """The stored batches' rows, in arrival order."""
+        return self._chunks
+
     def result(self) -> torch.Tensor:
         """(rows, features) tensor of the stored rows (float32)."""
-        if not self._chunks:
+        stored = self._stored_chunks()
+        if not stored:
             return torch.empty(0, 0)
         chunks = [
             torch.nn.functional.pad(c, (0, self._width - c.shape[1])) if c.shape[1] < self._width else c
-            for c in self._chunks
+            for c in stored
         ]
         return torch.cat(chunks).float()
 

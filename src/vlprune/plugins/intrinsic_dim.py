@@ -15,10 +15,12 @@ closed-form maximum likelihood estimate (``method="mle"``). Conventions follow
 Unlike scikit-dimension, exact duplicate rows are collapsed to one copy before the estimate
 (scikit-dimension drops every copy); both then see the same distinct points.
 
-Numerics: the data are centred (mean in float64), nearest-neighbour candidates come from chunked
-float32 matrix products, and the distances of the few candidates per point are recomputed exactly
-in float64 from the original rows before ``mu`` is formed, so the result does not depend on the
-cancellation error of ``|x|^2 + |y|^2 - 2 x.y``. Works on CPU or GPU tensors; fp16 / bf16 input is upcast.
+Numerics: the data are centred (mean in float64), nearest-neighbour candidates come from one
+chunked float32 matrix product, the two neighbour distances of every point are recomputed in
+float64 from the original rows, and a point is searched again only where its float32 margin is
+within a rigorous error bound (:mod:`vlprune.plugins._neighbours`), so the result does not depend
+on the cancellation error of ``|x|^2 + |y|^2 - 2 x.y``. Works on CPU or GPU tensors; fp16 / bf16
+input is upcast.
 
 Example:
     >>> import torch
@@ -44,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
+from vlprune.plugins._neighbours import knn_distances
 from vlprune.plugins.capture import (
     ActivationCapture,
     ModuleSelector,
@@ -52,6 +55,8 @@ from vlprune.plugins.capture import (
     iterate_batches,
     resolve_modules,
 )
+from vlprune.plugins.id_sketch import SparseSignSketch
+from vlprune.plugins.id_storage import RowStore, check_first_batch, default_budget_mb, step_bytes
 
 __all__ = [
     "twonn",
@@ -70,9 +75,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Estimator = Literal["linear", "mle"]
-
-#: number of float32 nearest-neighbour candidates re-checked in float64 per point
-_CANDIDATES = 4
 
 #: layer types profiled by default: what structured pruning removes channels of
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -109,6 +111,7 @@ def prunable_modules(model: nn.Module) -> list[str]:
 
 
 def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
+    """``x`` as a validated 2-D floating tensor (integers become float64; no copy otherwise)."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -123,43 +126,46 @@ def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
     return x
 
 
+def _first_copies(x: torch.Tensor) -> torch.Tensor:
+    """Indices (ascending) of the rows of ``x`` that have no identical earlier row."""
+    n = x.shape[0]
+    if n < 2:
+        return torch.arange(n, device=x.device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    proj = torch.randn(x.shape[1], 2, generator=g, dtype=torch.float64).to(x.device)
+    keys = torch.cat([x[i : i + 4096].to(torch.float64) @ proj for i in range(0, n, 4096)])
+    _, group, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    keep = torch.ones(n, dtype=torch.bool, device=x.device)
+    shared = (counts[group] > 1).nonzero().flatten().tolist()  # rows whose hash is not unique
+    kept_in_group: dict[int, list[int]] = {}
+    groups = group.tolist()
+    for i in shared:
+        kept = kept_in_group.setdefault(groups[i], [])
+        if any(torch.equal(x[i], x[j]) for j in kept):
+            keep[i] = False
+        else:
+            kept.append(i)
+    return keep.nonzero().flatten()
+
+
 def drop_duplicate_rows(x: torch.Tensor) -> torch.Tensor:
     """Return ``x`` with exact duplicate rows collapsed to their first occurrence (order kept).
 
-    Rows are hashed by two random float64 projections; rows with equal hashes are compared
+    Rows are hashed by two random float64 projections; only rows with equal hashes are compared
     exactly, so the result is exact, and the cost is O(N * D) instead of a lexicographic sort.
 
     Args:
         x: (N, D) tensor.
 
     Returns:
-        (N', D) tensor with N' <= N distinct rows.
+        (N', D) tensor with N' <= N distinct rows (``x`` itself when all rows are distinct).
+
+    Example:
+        >>> drop_duplicate_rows(torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])).tolist()
+        [[1.0, 2.0], [3.0, 4.0]]
     """
-    if x.shape[0] < 2:
-        return x
-    g = torch.Generator(device="cpu").manual_seed(0)
-    proj = torch.randn(x.shape[1], 2, generator=g, dtype=torch.float64).to(x.device)
-    keys = (x.to(torch.float64) @ proj).cpu().tolist()
-    buckets: dict[tuple[float, ...], list[int]] = {}
-    keep: list[int] = []
-    for i, key in enumerate(keys):
-        bucket = buckets.setdefault(tuple(key), [])
-        if any(torch.equal(x[i], x[j]) for j in bucket):
-            continue
-        bucket.append(i)
-        keep.append(i)
-    if len(keep) == x.shape[0]:
-        return x
-    return x[torch.tensor(keep, device=x.device)]
-
-
-def _centred_float32(x: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
-    """Centred copy of ``x`` in float32 (mean in float64), built chunk by chunk."""
-    mean = x.sum(dim=0, dtype=torch.float64) / x.shape[0]
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], rows_per_chunk):
-        out[start : start + rows_per_chunk] = (x[start : start + rows_per_chunk].double() - mean).float()
-    return out
+    keep = _first_copies(x)
+    return x if keep.numel() == x.shape[0] else x[keep]
 
 
 def nearest_neighbour_distances(
@@ -167,53 +173,37 @@ def nearest_neighbour_distances(
 ) -> torch.Tensor:
     """Exact Euclidean distances of every row of ``x`` to its ``k`` nearest other rows.
 
-    Candidates are found with chunked float32 matrix products on centred data; the distances of
-    the best ``max(k, 4)`` candidates are then recomputed in float64 from the rows themselves, so
-    the returned distances carry no cancellation error. Memory beyond ``x`` itself: one float32
-    centred copy and chunks of about 64 MB.
+    One float32 matrix product per row chunk of the centred data finds ``k + 1`` candidates
+    per row; the ``k`` best are recomputed in float64 from the rows themselves (direct
+    differences), and a row is searched again only where the float32 margin to its
+    ``(k+1)``-th candidate is within a rigorous bound of the float32 error (see
+    :mod:`vlprune.plugins._neighbours`). So the distances carry no cancellation error and are
+    the true nearest ones, at the cost of one float32 GEMM. Memory beyond ``x``: one centred
+    float32 copy and a (chunk x N) float32 block of about 4 MB.
 
     Args:
-        x: (N, D) float tensor, N >= k + 1.
-        chunk_size: rows per distance chunk (default: a chunk's N-wide distance block stays
-            near 64 MB).
+        x: (N, D) float tensor (CPU or GPU), N >= k + 1.
+        chunk_size: rows per distance block (default: the block stays near 4 MB).
         k: number of neighbours.
 
     Returns:
         (N, k) float64 tensor, ascending along dim 1.
+
+    Raises:
+        DataError: fewer than ``k + 1`` rows.
+
+    Example:
+        >>> nearest_neighbour_distances(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 1.0]]), k=1).flatten().tolist()
+        [1.0, 4.242640687119285, 1.0]
     """
-    n, dim = x.shape
+    n = x.shape[0]
     if n < k + 1:
         raise DataError(f"need at least {k + 1} points for {k} nearest neighbours, got {n}")
-    budget = 8 * 1024 * 1024  # elements per temporary, ~64 MB in float64
-    rows_per_chunk = max(1, budget // max(dim, 1))
-    x32 = _centred_float32(x, rows_per_chunk)
-    sq = torch.cat(
-        [x32[i : i + rows_per_chunk].double().pow(2).sum(dim=1) for i in range(0, n, rows_per_chunk)]
-    ).float()
-    m = min(max(k, _CANDIDATES), n - 1)
-    if chunk_size is None:
-        chunk_size = max(1, min(n, budget // n))
-    refine_rows = max(1, (budget // 8) // (m * max(dim, 1)))  # float64 candidate rows, ~8 MB
-    out = torch.empty(n, k, dtype=torch.float64, device=x.device)
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x32[start:stop] @ x32.T)
-        rows = torch.arange(stop - start, device=x.device)
-        d2[rows, rows + start] = float("inf")
-        cand = torch.topk(d2, m, dim=1, largest=False).indices
-        del d2
-        for r0 in range(start, stop, refine_rows):
-            r1 = min(stop, r0 + refine_rows)
-            exact = torch.cdist(
-                x[r0:r1, None, :].double(),
-                x[cand[r0 - start : r1 - start]].double(),
-                compute_mode="donot_use_mm_for_euclid_dist",
-            )[:, 0, :]
-            out[r0:r1] = torch.sort(exact, dim=1).values[:, :k]
-    return out
+    return knn_distances(x, k, chunk_size=chunk_size)
 
 
 def _fit(mu: torch.Tensor, discard_fraction: float, method: Estimator) -> float:
+    """The TwoNN estimate from the ratios ``mu = r2 / r1`` (``skdim.id.TwoNN`` conventions)."""
     n = mu.numel()
     n_keep = int(n * (1 - discard_fraction))
     if method == "linear":
@@ -248,6 +238,10 @@ def twonn(
 ) -> float:
     """TwoNN intrinsic dimension of the rows of ``x``.
 
+    The cost is about one float32 ``N x N x D`` matrix product (see
+    :func:`nearest_neighbour_distances`); the estimate equals ``skdim.id.TwoNN`` on the
+    distinct rows up to float64 rounding.
+
     Args:
         x: (N, D) tensor (any float dtype, CPU or GPU) or array-like.
         discard_fraction: fraction of the largest ratios ``mu`` left out of the fit, in [0, 1).
@@ -276,13 +270,22 @@ def twonn(
 def _twonn_counted(
     x: torch.Tensor, discard_fraction: float, method: Estimator, chunk_size: int | None = None
 ) -> tuple[float, int]:
-    """TwoNN on a validated 2-D tensor; also returns the number of distinct points used."""
+    """TwoNN on a validated 2-D tensor; also returns the number of distinct points used.
+
+    Duplicates come out of the search itself: a row has an identical copy exactly when its
+    exact first-neighbour distance is 0, so only those rows are compared, and the search is
+    repeated on the distinct rows only when there were copies.
+    """
     n_in = x.shape[0]
     if n_in < 3:
         raise DataError(f"TwoNN needs at least 3 distinct points, got {n_in} rows; give more calibration samples")
     r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
-    if bool((r[:, 0] == 0).any()):  # exact duplicates: keep one copy of each and search again
-        x = drop_duplicate_rows(x)
+    suspects = (r[:, 0] == 0).nonzero().flatten()
+    if suspects.numel():  # exact duplicates: keep the first copy of each and search again
+        keep = torch.ones(n_in, dtype=torch.bool, device=x.device)
+        keep[suspects] = False
+        keep[suspects[_first_copies(x[suspects])]] = True
+        x = x[keep]
         logger.info("twonn: dropped %d duplicate row(s) of %d", n_in - x.shape[0], n_in)
         if x.shape[0] < 3:
             raise DataError(
@@ -515,32 +518,52 @@ class IDProfile:
         return path
 
 
-def _row_width(output: torch.Tensor, representation: Representation) -> int:
-    x = output
-    if x.dim() <= 2 or representation != "flatten":
-        return int(x.shape[-1]) if x.dim() <= 3 else int(x.flatten(2).shape[-1])
-    return int(x[0].numel())
+def _layer_rows(store: RowStore, name: str) -> torch.Tensor:
+    """THE per-layer rows every estimate is computed from: (rows, features) float32, in RAM.
+
+    The only place the captured rows of a module are read back (the store's RAM and disk copies
+    are freed here); a multi-process run gathers the ranks' rows at this point.
+    """
+    rows = store.rows(name)
+    store.release(name)
+    return rows
 
 
-def _plan_groups(widths: dict[str, int], n_samples: int, bytes_per_value: int, budget: int) -> list[list[str]]:
-    groups: list[list[str]] = []
-    current: list[str] = []
-    used = 0
-    for name, width in widths.items():
-        need = n_samples * width * bytes_per_value
-        if current and used + need > budget:
-            groups.append(current)
-            current, used = [], 0
-        if need > budget:
-            logger.warning(
-                "module %s alone needs %.1f MB of activations (budget %.1f MB); it gets a pass of its own",
-                name, need / 2**20, budget / 2**20,
+def _layer_estimate(
+    rows: torch.Tensor,
+    name: str,
+    n_samples: int,
+    representation: str,
+    estimator: Estimator,
+    discard_fraction: float,
+    n_blocks: int | None,
+) -> tuple[float, int]:
+    """TwoNN (or its block average) of one module's rows; returns (ID, distinct rows used)."""
+    try:
+        if rows.shape[0] < MIN_SAMPLES:
+            raise DataError(
+                f"only {rows.shape[0]} sample(s) reached it (n_samples={n_samples}); TwoNN needs at least "
+                f"{MIN_SAMPLES} to mean anything (the paper uses 2000): "
+                + ("raise n_samples" if n_samples < MIN_SAMPLES else "pass more calibration batches")
             )
-        current.append(name)
-        used += need
-    if current:
-        groups.append(current)
-    return groups
+        if n_blocks:
+            rows = drop_duplicate_rows(rows)
+            value, n_distinct = twonn_block_average(rows, n_blocks, discard_fraction, estimator), rows.shape[0]
+        else:
+            value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
+        if n_distinct < MIN_SAMPLES:
+            raise DataError(
+                f"only {n_distinct} distinct sample(s) of {rows.shape[0]} reached it; TwoNN needs at least "
+                f"{MIN_SAMPLES} to mean anything: pass more (and more varied) calibration batches"
+            )
+    except DataError as exc:
+        hint = (
+            " (with representation='cls' a causal text model's first token is the same for "
+            "every sample; use 'mean' or 'flatten')"
+            if representation == "cls" else ""
+        )
+        raise DataError(f"module {name}: {exc}{hint}") from exc
+    return value, int(n_distinct)
 
 
 def _warn_short(seen: Mapping[str, int], n_samples: int, representation: str) -> None:
@@ -571,24 +594,44 @@ def estimate_ids(
     discard_fraction: float = 0.1,
     n_blocks: int | None = None,
     modality_of: Callable[[str], str] | None = None,
-    max_memory_mb: float = 2048.0,
+    max_memory_mb: float | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
+    spill_dir: str | Path | None = None,
     progress: bool = True,
 ) -> IDProfile:
     """Intrinsic dimension of every chosen module's output.
 
-    The model runs in eval mode without gradients (its mode is restored). Memory stays bounded
-    for any number of layers: a probe forward measures each module's row width, modules are
-    packed into groups whose stored activations (``n_samples`` x width each) fit
-    ``max_memory_mb``, and each group gets its own pass over the batches (which stops as soon as
-    every module of the group has ``n_samples`` rows). The estimate is exact for the chosen
-    representation: every stored row enters the nearest-neighbour search.
+    The model runs in eval mode without gradients (its mode is restored, its hooks removed, also
+    when something fails). Cost: ONE forward pass over the batches (stopping as soon as every
+    module has ``n_samples`` rows), then one TwoNN estimate per module.
+
+    Memory: the rows of all modules (``n_samples`` x width each; width = tokens x channels for
+    ``"flatten"``) are kept in RAM up to ``max_memory_mb`` (less the room one module's distance
+    step needs); the batches past it are appended, in ``storage_dtype``, to one file per module
+    in a temporary directory under ``spill_dir`` (deleted afterwards, also on errors;
+    :mod:`vlprune.plugins.id_storage`). Each module's rows are then read back one module at a
+    time, bit for bit what an all-in-RAM capture holds, so the estimate does not depend on the
+    budget. The default budget is half the memory available when the call starts
+    (``MemAvailable``; 2 GB where that is unknown). Real SmolLM2-135M (210 linears, 40 MB of
+    flatten rows per sample) over 256 samples x 64 tokens: see docs/benchmarks.md (scale section)
+    for the measured cost against one plain forward pass.
+
+    The estimate is exact for the chosen representation: every stored row enters the
+    nearest-neighbour search. ``sketch_dim`` trades that for memory: each batch's rows are
+    projected in the capture hook to ``sketch_dim`` values by a seeded sparse sign (sparse
+    Johnson-Lindenstrauss) projection (:class:`vlprune.plugins.id_sketch.SparseSignSketch`), so a
+    module keeps ``n_samples x sketch_dim`` values. Measured error against the exact estimate on
+    real SmolLM2-135M activations (256 samples x 64 tokens, flatten, 210 linears; median / 90th
+    percentile / max relative error of a layer's ID): see the sketch table of the scale section in
+    docs/benchmarks.md (``benchmarks/bench_id_scale.py``).
 
     Args:
         model: any ``nn.Module`` (transformers models included); fp16/bf16 models work, the
             distances are computed in float32/float64.
-        batches: iterable of dicts (``model(**batch)``), tuples or tensors (``model(batch)``).
-            It is materialised as a list, since several passes may be needed.
+        batches: iterable of dicts (``model(**batch)``), tuples or tensors (``model(batch)``);
+            materialised as a list.
         modules: module names / glob patterns / types (default: every ``nn.Linear`` and
             ``nn.Conv*``, :func:`prunable_modules`).
         n_samples: rows per module. If the batches hold fewer, the IDs are estimated on what
@@ -600,8 +643,14 @@ def estimate_ids(
         n_blocks: if set, average over random splits into 1..n_blocks blocks (the paper uses 20).
         modality_of: module name -> modality label (the top-level ``vlprune.estimate_ids`` fills
             it in from the model family).
-        max_memory_mb: budget for stored activations per pass.
-        storage_dtype: dtype of stored activations (float16 halves memory; float32 default).
+        max_memory_mb: RAM for the captured rows and one module's distance step (None: half the
+            available memory). At least one float32 row of the widest module.
+        storage_dtype: dtype of stored rows (float16 halves RAM and disk, and rounds the rows).
+        sketch_dim: if set, sketch every module's rows to this many values (inexact; at most the
+            narrowest module's row width).
+        sketch_seed: seed of the sketch.
+        spill_dir: where the temporary directory for rows past the budget goes (default: the
+            system temp directory).
         progress: show progress bars.
 
     Returns:
@@ -611,91 +660,62 @@ def estimate_ids(
         DataError: empty batches, NaN/Inf activations, fewer than :data:`MIN_SAMPLES` distinct
             samples reaching a module.
         ModelStructureError: ``modules`` matches nothing, or a module produced no tensor.
+        VLPruneError: ``max_memory_mb`` below one sample's row (the message gives the minimum),
+            ``sketch_dim`` larger than a module's row width, or too little disk for the spill.
+
+    Example:
+        >>> profile = estimate_ids(model, batches, n_samples=256, max_memory_mb=512)  # doctest: +SKIP
+        >>> profile.ids()                                                             # doctest: +SKIP
     """
     if n_samples < 3:
         raise VLPruneError(f"n_samples must be at least {MIN_SAMPLES} (the paper uses 2000), got {n_samples}")
+    if max_memory_mb is not None and not float(max_memory_mb) > 0:
+        raise VLPruneError(f"max_memory_mb must be positive (or None for half the available memory), got {max_memory_mb}")
+    sketch = SparseSignSketch(sketch_dim, seed=sketch_seed) if sketch_dim is not None else None
     items = iterate_batches(batches)
     names = prunable_modules(model) if modules is None else resolve_modules(model, modules)
-    # probe: the width of one row per module, from the first batch
-    widths: dict[str, int] = {}
-    probe: dict[str, torch.Tensor] = {}
-
-    class _Probe:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
-            probe.setdefault(self.name, output)
-
-        def result(self) -> None:
-            return None
-
-    with ActivationCapture(model, names, _Probe) as cap:
-        cap.run(items[:1], progress=False)
-    missing = [n for n in names if n not in probe]
-    if missing:
-        raise ModelStructureError(
-            f"{len(missing)} chosen module(s) produced no tensor output in a forward pass "
-            f"(e.g. {missing[:3]}); choose modules that run in model(**batch)"
-        )
-    for name in names:
-        widths[name] = _row_width(probe[name], representation)
-    probe.clear()
-    bytes_per_value = torch.tensor([], dtype=storage_dtype).element_size()
-    groups = _plan_groups(widths, n_samples, bytes_per_value, int(max_memory_mb * 2**20))
-    logger.info("estimate_ids: %d modules in %d pass(es)", len(names), len(groups))
+    budget_mb = default_budget_mb() if max_memory_mb is None else float(max_memory_mb)
     layers: dict[str, LayerID] = {}
     seen: dict[str, int] = {}
-    bar = tqdm(total=len(names), desc="intrinsic dimension", disable=not progress)
-    try:
-        for group in groups:
-            reducers = {
-                n: StoreRows(representation, n_samples=n_samples, dtype=storage_dtype, name=n) for n in group
-            }
-            with ActivationCapture(model, group, reducers.__getitem__) as cap:
-                cap.run(
-                    items,
-                    progress=False,
-                    stop_when=lambda: all(r.full for r in reducers.values()),
-                )
-            for name in group:
-                rows = reducers.pop(name).result()
-                seen[name] = int(rows.shape[0])
-                try:
-                    if rows.shape[0] < MIN_SAMPLES:
-                        raise DataError(
-                            f"only {rows.shape[0]} sample(s) reached it (n_samples={n_samples}); TwoNN needs at least "
-                            f"{MIN_SAMPLES} to mean anything (the paper uses 2000): "
-                            + ("raise n_samples" if n_samples < MIN_SAMPLES else "pass more calibration batches")
-                        )
-                    if n_blocks:
-                        rows = drop_duplicate_rows(rows)
-                        value, n_distinct = twonn_block_average(rows, n_blocks, discard_fraction, estimator), rows.shape[0]
-                    else:
-                        value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
-                    if n_distinct < MIN_SAMPLES:
-                        raise DataError(
-                            f"only {n_distinct} distinct sample(s) of {rows.shape[0]} reached it; TwoNN needs at least "
-                            f"{MIN_SAMPLES} to mean anything: pass more (and more varied) calibration batches"
-                        )
-                except DataError as exc:
-                    hint = (
-                        " (with representation='cls' a causal text model's first token is the same for "
-                        "every sample; use 'mean' or 'flatten')"
-                        if representation == "cls" else ""
-                    )
-                    raise DataError(f"module {name}: {exc}{hint}") from exc
-                layers[name] = LayerID(
-                    name=name,
-                    id=value,
-                    n_samples=int(n_distinct),
-                    features=int(rows.shape[1]),
-                    modality=modality_of(name) if modality_of else "unknown",
-                )
-                del rows
-                bar.update(1)
-    finally:
-        bar.close()
+    with RowStore(int(budget_mb * 2**20), spill_dir) as store:
+        reducers = {
+            n: store.reducer(
+                n, representation, n_samples, storage_dtype,
+                transform=(lambda rows, n=n: sketch(rows, name=n)) if sketch is not None else None,
+            )
+            for n in names
+        }
+        with ActivationCapture(model, names, reducers.__getitem__) as cap:
+            cap.run(items[:1], progress=False)
+            reserve = check_first_batch(reducers, len(items), n_samples, budget_mb, store)
+            if len(items) > 1 and not all(r.full for r in reducers.values()):
+                cap.run(items[1:], progress=progress, desc="estimate_ids: capture",
+                        stop_when=lambda: all(r.full for r in reducers.values()))
+        logger.info(
+            "estimate_ids: %d modules captured in one pass, %.0f MB in RAM and %.0f MB spilled to disk (budget %.0f MB)",
+            len(names), store.ram_bytes / 2**20, store.written_bytes / 2**20, budget_mb,
+        )
+        over = {n: step_bytes(r.rows, r.width) for n, r in reducers.items() if step_bytes(r.rows, r.width) > reserve}
+        if over:
+            worst = max(over, key=over.__getitem__)
+            logger.warning(
+                "estimate_ids: the distance step of %d module(s) needs more than the %.0f MB budget "
+                "(%s: %.0f MB); it runs in RAM anyway", len(over), budget_mb, worst, over[worst] / 2**20,
+            )
+        for name in tqdm(names, desc="intrinsic dimension", disable=not progress):
+            seen[name] = reducers[name].rows
+            rows = _layer_rows(store, name)
+            value, n_distinct = _layer_estimate(
+                rows, name, n_samples, representation, estimator, discard_fraction, n_blocks
+            )
+            layers[name] = LayerID(
+                name=name,
+                id=value,
+                n_samples=n_distinct,
+                features=int(rows.shape[1]),
+                modality=modality_of(name) if modality_of else "unknown",
+            )
+            del rows
     _warn_short(seen, n_samples, representation)
     return IDProfile(
         layers={n: layers[n] for n in names},

@@ -1,0 +1,248 @@
+"""estimate_ids at real scale (issue 16 part 2): one forward pass whatever the memory budget, rows
+past the budget spilled to disk and read back bit for bit, a budget taken from the available
+memory, an optional random-projection sketch, and the bad inputs refused with the model untouched."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import batches_for
+from vlprune import VLPruneError
+from vlprune.plugins import id_storage
+from vlprune.plugins.capture import ActivationCapture, StoreRows
+from vlprune.plugins.id_sketch import SparseSignSketch
+from vlprune.plugins.id_storage import RowStore, available_memory_bytes, default_budget_mb
+from vlprune.plugins.intrinsic_dim import estimate_ids, twonn
+from vlprune.testbed.tiny import tiny_model
+
+
+def _count_forwards(model: nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda _m, _a: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def _spy_store(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(RAM budget for the rows, bytes spilled to disk) of every RowStore when it closes."""
+    seen: list[tuple[int, int]] = []
+    close = RowStore.close
+
+    def spying_close(self: RowStore) -> None:
+        seen.append((self.budget.limit, self.written_bytes))
+        close(self)
+
+    monkeypatch.setattr(RowStore, "close", spying_close)
+    return seen
+
+
+# ------------------------------------------------------------------ the spill path is exact
+def test_spilled_rows_give_the_in_memory_estimates_bit_for_bit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    batches = batches_for("clip", n_batches=4, batch_size=10)
+    stores = _spy_store(monkeypatch)
+    modules = ["*.layers.0.mlp.fc1", "*.layers.1.self_attn.q_proj", "vision_model.embeddings.patch_embedding"]  # linears, a conv
+    in_memory = estimate_ids(model, batches, modules, n_samples=40, max_memory_mb=4096, progress=False)
+    spilled = estimate_ids(model, batches, modules, n_samples=40, max_memory_mb=0.05, spill_dir=tmp_path, progress=False)
+    assert stores[0][1] == 0 and stores[1][1] > 0  # the first never touched the disk, the second did
+    assert in_memory.ids() == spilled.ids()
+    assert [x.n_samples for x in in_memory.layers.values()] == [x.n_samples for x in spilled.layers.values()]
+    assert list(tmp_path.iterdir()) == []  # the temporary directory is gone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_store_reads_back_what_store_rows_keeps(dtype: torch.dtype, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    # flatten rows of batches with different sequence lengths (padded to the longest), a padding mask
+    outputs = [torch.randn(3, t, 5) for t in (4, 7, 2, 7)]
+    masks = [torch.ones(3, t) for t in (4, 7, 2, 7)]
+    masks[1][0, 5:] = 0
+    plain = StoreRows("flatten", n_samples=11, dtype=dtype)
+    with RowStore(budget_bytes=3 * 20 * 4, spill_dir=tmp_path) as store:  # the first batch in RAM, the rest on disk
+        spill = store.reducer("m", "flatten", n_samples=11, dtype=dtype)
+        for out, mask in zip(outputs, masks):
+            plain.update(out, mask)
+            spill.update(out, mask)
+        assert spill.ram_bytes > 0 and spill.disk_bytes > 0
+        expected = plain.result()
+        assert expected.shape == (11, 35)
+        assert torch.equal(spill.result(), expected)
+        assert torch.equal(spill.column_block(10, 30), expected[:, 10:30])
+        store.release("m")
+        assert list(store.directory.iterdir()) == []
+    assert not any(tmp_path.iterdir())
+
+
+def test_stored_rows_are_copies_of_the_output() -> None:
+    """An in-place op after the module (ReLU(inplace=True)) must not change the stored rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True))
+    x = torch.randn(20, 4)
+    with ActivationCapture(model, ["0"], lambda n: StoreRows("flatten")) as cap:
+        cap.run([x], progress=False)
+        rows = cap.results()["0"]
+    assert torch.equal(rows, model[0](x).detach())
+    assert bool((rows < 0).any())
+
+
+# ------------------------------------------------------------------ one forward pass
+def test_one_forward_pass_whatever_the_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    batches = batches_for("clip", n_batches=5, batch_size=8)
+    stores = _spy_store(monkeypatch)
+    for budget in (4096, 0.05):
+        calls, handle = _count_forwards(model)
+        estimate_ids(model, batches, ["*.fc1"], n_samples=40, max_memory_mb=budget, spill_dir=tmp_path, progress=False)
+        handle.remove()
+        assert calls[0] == len(batches), budget
+    assert stores[-1][1] > 0  # the small budget spilled
+    # and the pass stops once every module has n_samples rows
+    calls, handle = _count_forwards(model)
+    estimate_ids(model, batches, ["*.fc1"], n_samples=16, max_memory_mb=0.02, spill_dir=tmp_path, progress=False)
+    handle.remove()
+    assert calls[0] == 2
+
+
+# ------------------------------------------------------------------ the automatic budget
+def test_available_memory_is_memavailable() -> None:
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("no /proc/meminfo")
+    line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:"))
+    reference = int(line.split()[1]) * 1024
+    assert available_memory_bytes() == pytest.approx(reference, rel=0.05)  # it moves while we read it
+
+
+def test_default_budget_is_half_the_available_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: 6 * 2**30)
+    assert default_budget_mb() == 3072.0
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: None)
+    assert default_budget_mb() == id_storage.FALLBACK_BUDGET_MB
+    # estimate_ids without max_memory_mb follows it: 0.2 MB available -> a 0.1 MB budget -> rows spill
+    model = tiny_model("clip")
+    batches = batches_for("clip", n_batches=2, batch_size=10)
+    stores = _spy_store(monkeypatch)
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: 200_000)
+    small = estimate_ids(model, batches, ["*.fc1"], n_samples=20, spill_dir=tmp_path, progress=False)
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: 16 * 2**30)
+    large = estimate_ids(model, batches, ["*.fc1"], n_samples=20, spill_dir=tmp_path, progress=False)
+    assert stores[0][1] > 0 and stores[1][1] == 0
+    assert small.ids() == large.ids()
+
+
+# ------------------------------------------------------------------ the sketch
+def _manifold_model(d: int = 5, width: int = 1500, n: int = 400) -> tuple[nn.Module, list[torch.Tensor]]:
+    """Points on a curved d-dimensional manifold (a random Fourier-feature embedding), a layer
+    that maps them into R^width."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(n, d, generator=g, dtype=torch.float64)
+    freq = torch.randn(d, 24, generator=g, dtype=torch.float64)
+    curved = torch.cat([torch.sin(t @ freq), torch.cos(t @ freq)], dim=1).float()  # (n, 48)
+    layer = nn.Linear(48, width, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(width, 48, generator=g) / math.sqrt(48))
+    return nn.Sequential(layer), list(curved.split(100))
+
+
+def test_sketch_error_is_small_on_a_curved_manifold() -> None:
+    model, batches = _manifold_model()
+    exact = estimate_ids(model, batches, n_samples=400, progress=False)["0"]
+    assert 4.0 < exact < 6.5
+    errors = {}
+    for dim in (128, 512):
+        sketched = estimate_ids(model, batches, n_samples=400, sketch_dim=dim, progress=False)["0"]
+        errors[dim] = abs(sketched - exact) / exact
+    assert errors[512] < 0.05 and errors[128] < 0.10, errors
+    # seeded: the same sketch twice
+    again = estimate_ids(model, batches, n_samples=400, sketch_dim=128, progress=False)["0"]
+    assert abs(again - exact) / exact == errors[128]
+
+
+def test_sketch_preserves_distances_like_johnson_lindenstrauss() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 20_000, generator=g)
+    y = SparseSignSketch(1024, seed=3)(x)
+    ratio = torch.pdist(y) / torch.pdist(x)
+    assert float((ratio - 1).abs().max()) < 0.2  # JL: about sqrt(8 log(50) / 1024) = 0.17 at worst
+    assert abs(float(ratio.pow(2).mean()) - 1) < 0.02  # unbiased squared distances
+    # a wider row's first features are sketched as the narrower row's (zero padding is consistent)
+    sketch = SparseSignSketch(64, seed=0)
+    z = torch.randn(4, 1000, generator=g)
+    padded = torch.nn.functional.pad(z, (0, 70_000))
+    assert torch.allclose(sketch(z), sketch(padded), atol=1e-5)
+
+
+# ------------------------------------------------------------------ bad input, model untouched
+def _untouched(model: nn.Module, training: dict[str, bool]) -> None:
+    assert {n: m.training for n, m in model.named_modules()} == training
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_budget_below_one_sample_says_the_minimum(tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    model.train()
+    training = {n: m.training for n, m in model.named_modules()}
+    batches = batches_for("clip", n_batches=2, batch_size=4)
+    width = max(  # the widest flatten row: fc1's (tokens x intermediate size)
+        int(o.flatten(1).shape[1])
+        for o in _outputs(model, batches[0], ["*.fc1"])
+    )
+    minimum = width * 4 / 2**20
+    with pytest.raises(VLPruneError, match=rf"too small for a single sample.*the minimum is {minimum:.3g} MB"):
+        estimate_ids(model, batches, ["*.fc1"], n_samples=8, max_memory_mb=minimum / 2, spill_dir=tmp_path, progress=False)
+    _untouched(model, training)
+    assert list(tmp_path.iterdir()) == []
+    estimate_ids(model, batches, ["*.fc1"], n_samples=8, max_memory_mb=minimum * 1.01, spill_dir=tmp_path, progress=False)
+    with pytest.raises(VLPruneError, match="max_memory_mb must be positive"):
+        estimate_ids(model, batches, ["*.fc1"], n_samples=8, max_memory_mb=0, progress=False)
+
+
+def _outputs(model: nn.Module, batch: dict, patterns: list[str]) -> list[torch.Tensor]:
+    with ActivationCapture(model, patterns, lambda n: StoreRows("flatten")) as cap:
+        cap.run([batch], progress=False)
+        return list(cap.results().values())
+
+
+def test_a_sketch_wider_than_the_data_is_refused(tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    model.train()
+    training = {n: m.training for n, m in model.named_modules()}
+    batches = batches_for("clip", n_batches=2, batch_size=4)
+    width = int(_outputs(model, batches[0], ["text_model.encoder.layers.0.mlp.fc1"])[0].shape[1])
+    with pytest.raises(VLPruneError, match=rf"sketch_dim={width + 1} is larger than the data of module .*choose sketch_dim <= {width}"):
+        estimate_ids(model, batches, ["text_model.encoder.layers.0.mlp.fc1"], n_samples=8, sketch_dim=width + 1,
+                     max_memory_mb=0.01, spill_dir=tmp_path, progress=False)
+    _untouched(model, training)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(VLPruneError, match="sketch_dim must be a positive integer"):
+        estimate_ids(model, batches, n_samples=8, sketch_dim=0, progress=False)
+
+
+def test_too_little_disk_is_said_before_the_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    model = tiny_model("clip")
+    batches = batches_for("clip", n_batches=3, batch_size=4)
+    monkeypatch.setattr(id_storage.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
+    calls, handle = _count_forwards(model)
+    with pytest.raises(VLPruneError, match=r"has only 0.0 GB free; pass spill_dir="):
+        estimate_ids(model, batches, n_samples=12, max_memory_mb=0.05, spill_dir=tmp_path, progress=False)
+    handle.remove()
+    assert calls[0] == 1  # refused after the first batch, not after the whole pass
+    _untouched(model, {n: m.training for n, m in model.named_modules()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_twonn_on_sketched_rows_equals_estimate_ids_on_them() -> None:
+    """The sketch is applied in the hook; the estimate is plain TwoNN of the sketched rows."""
+    model, batches = _manifold_model(width=600, n=300)
+    sketch = SparseSignSketch(100, seed=7)
+    rows = torch.cat([sketch(model(b).detach()) for b in batches])
+    ours = estimate_ids(model, batches, n_samples=300, sketch_dim=100, sketch_seed=7, progress=False)["0"]
+    assert ours == twonn(rows)
+    assert np.isfinite(ours)
+    logging.getLogger(__name__).info("sketched ID %.3f", ours)
