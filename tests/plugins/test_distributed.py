@@ -8,6 +8,7 @@ each rank saved. A second launch runs the README's ``torchrun --nproc_per_node 2
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -205,3 +206,28 @@ def test_distill_under_ddp_matches_the_union_and_only_rank_0_writes(ranks: list[
     assert [v for _, v in r0["loss"]] == pytest.approx([v for _, v in r0["ref_loss"]], rel=1e-5)
     assert r0["saves"] and not r1["saves"], "only rank 0 writes the checkpoint"
     assert r0["start"] == r1["start"] == 3 and r0["digest"] == r1["digest"]  # both resumed from rank 0's file
+
+
+# -- the README's command --------------------------------------------------------------------------
+
+README_COMMAND = ["torchrun", "--nproc_per_node", "2", "examples/distributed_profile.py"]
+
+
+def test_readme_torchrun_command_runs_the_example() -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed next to this Python")
+    env = run_env()  # a free port, given the way torchrun reads its options from the environment
+    env["PET_MASTER_PORT"] = env.pop("MASTER_PORT")
+    env.pop("WORLD_SIZE")
+    try:
+        done = subprocess.run([str(torchrun), *README_COMMAND[1:]], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(README_COMMAND)} did not finish within {TIMEOUT} s")
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["world_size"] == 2 and report["batches_per_rank"] == [3, 2]  # uneven shards
+    assert report["ranks_agree"] is True
+    assert report["max_rel_diff_vs_one_process"] < 1e-5
+    assert len(report["layer_similarity"]) == 4 and report["amp_mlps"] > 0
