@@ -219,6 +219,42 @@ def main() -> None:
                 out["ref_weights"] = {k: v.clone() for k, v in ref.state_dict().items()}
         return out
 
+    ID_SIZES = {0: [6, 5], 1: [7]}  # uneven counts and sizes; the union holds 18 samples
+    id_all = {r: [{"pixel_values": example_inputs("clip", n, seed=300 + 10 * r + i)["pixel_values"]}
+                  for i, n in enumerate(s)] for r, s in ID_SIZES.items()}
+    id_kwargs = dict(modules="encoder.layers.*.mlp.fc1", representation="mean", progress=False)
+    vision = clip.vision_model
+
+    @scenario("estimate_ids")
+    def _() -> Any:
+        from vlprune.plugins.intrinsic_dim import estimate_ids
+
+        out = {n: estimate_ids(vision, id_all[RANK], n_samples=n, **id_kwargs).ids()
+               for n in (15, 100)}  # 15: rank 0's 11 rows and rank 1's first 4 (the union's first 15)
+        if RANK == 0:
+            with distributed.local_only():
+                union = id_all[0] + id_all[1]
+                for n in (15, 100):
+                    out[f"ref_{n}"] = estimate_ids(vision, union, n_samples=n,
+                                                   **id_kwargs).ids()
+                out["local_100"] = estimate_ids(vision, id_all[0], n_samples=100,
+                                                **id_kwargs).ids()
+        return out
+
+    @scenario("id_budget_too_small_on_one_rank")
+    def _() -> Any:
+        from vlprune.plugins.intrinsic_dim import estimate_ids
+
+        return estimate_ids(vision, id_all[RANK], n_samples=15, max_memory_mb=1e-5 if RANK == 1 else None,
+                            **id_kwargs)
+
+    @scenario("id_sketch_too_big")
+    def _() -> Any:
+        from vlprune.plugins.intrinsic_dim import estimate_ids
+
+        return estimate_ids(vision, id_all[RANK], n_samples=15, sketch_dim=10_000,
+                            **id_kwargs)
+
     # -- bad input: every rank must raise, nobody hangs ---------------------------------------------
     @scenario("bad_config")
     def _() -> Any:

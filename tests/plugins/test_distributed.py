@@ -231,3 +231,20 @@ def test_readme_torchrun_command_runs_the_example() -> None:
     assert report["ranks_agree"] is True
     assert report["max_rel_diff_vs_one_process"] < 1e-5
     assert len(report["layer_similarity"]) == 4 and report["amp_mlps"] > 0
+
+
+def test_estimate_ids_gathers_rows_and_matches_the_union(ranks: list[dict[str, Any]]) -> None:
+    r0, r1 = ok(ranks[0]["estimate_ids"]), ok(ranks[1]["estimate_ids"])
+    for n in (15, 100):  # 15: the union's first 15 rows (rank 0's 11, rank 1's first 4); 100: all 18
+        close(r0[n], r0[f"ref_{n}"], rtol=1e-9, atol=0)
+        assert r1[n] == r0[n]
+    assert r0["local_100"] != r0["ref_100"], "the shards must matter"
+
+
+@pytest.mark.parametrize("case", ["id_budget_too_small_on_one_rank", "id_sketch_too_big"])
+def test_estimate_ids_bad_input_raises_on_every_rank(ranks: list[dict[str, Any]], case: str) -> None:
+    for res in ranks:
+        cls, msg = error_of(res[case])
+        assert cls in ("VLPruneError", "DataError")
+    assert "max_memory_mb" in error_of(ranks[0]["id_budget_too_small_on_one_rank"])[1]
+    assert "sketch" in error_of(ranks[1]["id_sketch_too_big"])[1]

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
+from vlprune.plugins import distributed
 from vlprune.plugins._neighbours import knn_distances
 from vlprune.plugins.capture import (
     ActivationCapture,
@@ -525,7 +526,10 @@ def _layer_rows(store: RowStore, name: str) -> torch.Tensor:
     are freed here); a multi-process run gathers the ranks' rows at this point.
     """
     rows = store.rows(name)
+    keep = store[name].n_samples
     store.release(name)
+    if distributed.is_active():  # every rank's rows in rank order: the first n_samples of the union
+        rows = distributed.gather_rows(rows)[:keep]
     return rows
 
 
@@ -667,13 +671,15 @@ def estimate_ids(
         >>> profile = estimate_ids(model, batches, n_samples=256, max_memory_mb=512)  # doctest: +SKIP
         >>> profile.ids()                                                             # doctest: +SKIP
     """
-    if n_samples < 3:
-        raise VLPruneError(f"n_samples must be at least {MIN_SAMPLES} (the paper uses 2000), got {n_samples}")
-    if max_memory_mb is not None and not float(max_memory_mb) > 0:
-        raise VLPruneError(f"max_memory_mb must be positive (or None for half the available memory), got {max_memory_mb}")
-    sketch = SparseSignSketch(sketch_dim, seed=sketch_seed) if sketch_dim is not None else None
-    items = iterate_batches(batches)
-    names = prunable_modules(model) if modules is None else resolve_modules(model, modules)
+    config = {k: v for k, v in locals().items() if k not in ("model", "batches", "max_memory_mb", "spill_dir", "progress")}
+    with distributed.guard("estimate_ids", model=model, config=config):  # before any collective
+        if n_samples < 3:
+            raise VLPruneError(f"n_samples must be at least {MIN_SAMPLES} (the paper uses 2000), got {n_samples}")
+        if max_memory_mb is not None and not float(max_memory_mb) > 0:
+            raise VLPruneError(f"max_memory_mb must be positive (or None for half the available memory), got {max_memory_mb}")
+        sketch = SparseSignSketch(sketch_dim, seed=sketch_seed) if sketch_dim is not None else None
+        items = iterate_batches(batches)
+        names = prunable_modules(model) if modules is None else resolve_modules(model, modules)
     budget_mb = default_budget_mb() if max_memory_mb is None else float(max_memory_mb)
     layers: dict[str, LayerID] = {}
     seen: dict[str, int] = {}
@@ -685,7 +691,7 @@ def estimate_ids(
             )
             for n in names
         }
-        with ActivationCapture(model, names, reducers.__getitem__) as cap:
+        with distributed.guard("estimate_ids (capture)"), ActivationCapture(model, names, reducers.__getitem__) as cap:
             cap.run(items[:1], progress=False)
             reserve = check_first_batch(reducers, len(items), n_samples, budget_mb, store)
             if len(items) > 1 and not all(r.full for r in reducers.values()):
@@ -703,8 +709,8 @@ def estimate_ids(
                 "(%s: %.0f MB); it runs in RAM anyway", len(over), budget_mb, worst, over[worst] / 2**20,
             )
         for name in tqdm(names, desc="intrinsic dimension", disable=not progress):
-            seen[name] = reducers[name].rows
             rows = _layer_rows(store, name)
+            seen[name] = int(rows.shape[0])
             value, n_distinct = _layer_estimate(
                 rows, name, n_samples, representation, estimator, discard_fraction, n_blocks
             )
