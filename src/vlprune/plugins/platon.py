@@ -20,6 +20,16 @@ calls where it had one.
 With ``torch.nn.utils.prune`` masks on a layer the trained parameter is ``<name>_orig``; its state
 is kept under the plain name (``layer.weight``), which is also the name :meth:`Platon.score` takes.
 
+Several processes (``DistributedDataParallel``): call :meth:`Platon.update` on every rank after
+each ``loss.backward()`` of the DDP-wrapped model (``platon.update(ddp.module)``). DDP has then
+averaged the gradients over the ranks and the parameters are the same on every rank, so every
+rank's state and scores are identical, with no collective here: they equal one process whose loss
+is the mean of the ranks' mean losses, i.e. the loss over the union of the shards when the shards
+are equal (for uneven shards weight each rank's loss by ``n_rank * world / n_total``, as
+:func:`vlprune.recipes.distill.distill` does). With gradient accumulation under ``no_sync()``, call
+it only after the synchronising backward. The same holds for Taylor scores read from ``.grad``
+(``GroupTaylorImportance``, ``IDWeighted``). Tested in ``tests/plugins/test_distributed.py``.
+
 Example:
     >>> import torch
     >>> from vlprune.plugins.platon import Platon, cubic_schedule
