@@ -9,7 +9,8 @@ Every rank loads the testbed LLaVA and builds the same calibration batches, keep
 whose entropy is over the global batch), and calls the plain vlprune functions: inside the
 process group they combine the ranks' statistics themselves and return the same result on every
 rank as one process on all the data. Rank 0 then prints one JSON line: the layer similarity, the
-AMP importance summary, whether all ranks agree bit for bit, and (unless ``--no-check``) the
+AMP importance summary, the intrinsic dimension of every MLP's output (TwoNN on the rows gathered
+from all ranks), whether all ranks agree bit for bit, and (unless ``--no-check``) the
 largest difference from one process on the union of the shards, computed on rank 0 inside
 ``vlprune.plugins.distributed.local_only()``.
 """
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 import vlprune.testbed
 from vlprune.plugins import amp, distributed
+from vlprune.plugins.intrinsic_dim import estimate_ids
 from vlprune.plugins.layer_similarity import layer_similarity
 
 
@@ -41,11 +43,14 @@ def digest(value: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def profile(model: torch.nn.Module, text_batches: list[Any], image_batches: list[Any]) -> dict[str, Any]:
+def profile(model: torch.nn.Module, text_batches: list[Any], image_batches: list[Any], n_samples: int) -> dict[str, Any]:
     """The scores this script reports (the same code for every rank and for the 1-process check)."""
+    ids = estimate_ids(model, text_batches, ["*.mlp.fc2", "*.mlp.down_proj"], n_samples=n_samples, representation="mean",
+                       progress=False).ids()
     return {
         "layer_similarity": layer_similarity(model, text_batches, progress=False),
         "amp_importance": amp.neuron_importance(model, image_batches, tau=1 / 15, progress=False),
+        "intrinsic_dim": torch.tensor(list(ids.values()), dtype=torch.float64),
     }
 
 
@@ -72,7 +77,7 @@ def main() -> None:
     text_shard = text[rank::world]  # uneven when the batch count does not divide
     image_shard = [{k: v[rank::world] for k, v in b.items()} for b in images]  # global batch i, split
 
-    result = profile(model, text_shard, image_shard)
+    result = profile(model, text_shard, image_shard, args.samples)
     every: list[Any] = [None] * world
     dist.all_gather_object(every, {k: digest(v) for k, v in result.items()})
     report: dict[str, Any] = {
@@ -82,14 +87,15 @@ def main() -> None:
         "layer_similarity": [round(float(v), 6) for v in result["layer_similarity"]],
         "amp_mlps": len(result["amp_importance"]),
         "amp_mean_score": float(torch.cat(list(result["amp_importance"].values())).mean()),
+        "intrinsic_dim": [round(float(v), 3) for v in result["intrinsic_dim"]],
         "ranks_agree": all(e == every[0] for e in every),
     }
     if rank == 0 and not args.no_check:
         with distributed.local_only():
-            union = profile(model, text, images)
+            union = profile(model, text, images, args.samples)
         report["max_rel_diff_vs_one_process"] = max(
             float(((result[k] - union[k]).abs().max() / union[k].abs().max()))
-            if k == "layer_similarity"
+            if k != "amp_importance"
             else max(float((result[k][n] - union[k][n]).abs().max() / union[k][n].abs().max()) for n in union[k])
             for k in union
         )

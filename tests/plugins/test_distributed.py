@@ -230,7 +230,7 @@ def test_readme_torchrun_command_runs_the_example() -> None:
     assert report["world_size"] == 2 and report["batches_per_rank"] == [3, 2]  # uneven shards
     assert report["ranks_agree"] is True
     assert report["max_rel_diff_vs_one_process"] < 1e-5
-    assert len(report["layer_similarity"]) == 4 and report["amp_mlps"] > 0
+    assert len(report["layer_similarity"]) == 4 and report["amp_mlps"] > 0 and len(report["intrinsic_dim"]) == 8
 
 
 def test_estimate_ids_gathers_rows_and_matches_the_union(ranks: list[dict[str, Any]]) -> None:
