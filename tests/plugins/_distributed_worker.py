@@ -58,7 +58,7 @@ def digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -155,6 +155,23 @@ def main() -> None:
                                prune_heads=False, modalities=("vision",))
                 out["ref_digest"] = digest(ref)
         return out
+
+    @scenario("broadcast_module")
+    def _() -> Any:
+        torch.manual_seed(RANK)  # different weights on each rank
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(torch.bfloat16)
+        net[1].running_mean.fill_(RANK + 1.0)
+        before = digest(net)
+        distributed.broadcast_module(net, src=1)
+        every: list[Any] = [None] * WORLD
+        dist.all_gather_object(every, (before, digest(net)))
+        wrong = nn.Linear(3, 4 + RANK)
+        try:
+            distributed.broadcast_module(wrong)
+            refused = None
+        except Exception as err:  # noqa: BLE001
+            refused = (type(err).__name__, str(err))
+        return {"every": every, "refused": refused, "untouched": wrong.weight.shape[0] == 4 + RANK}
 
     # -- Taylor / PLATON under DDP: DDP averages gradients, so per-rank scores agree -----------------
     @scenario("ddp_taylor_platon")

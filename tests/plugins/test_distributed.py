@@ -248,3 +248,12 @@ def test_estimate_ids_bad_input_raises_on_every_rank(ranks: list[dict[str, Any]]
         assert cls in ("VLPruneError", "DataError")
     assert "max_memory_mb" in error_of(ranks[0]["id_budget_too_small_on_one_rank"])[1]
     assert "sketch" in error_of(ranks[1]["id_sketch_too_big"])[1]
+
+
+def test_broadcast_module_copies_rank_src_and_refuses_other_shapes(ranks: list[dict[str, Any]]) -> None:
+    for res in ranks:
+        got = ok(res["broadcast_module"])
+        (before0, after0), (before1, after1) = got["every"]
+        assert before0 != before1 and after0 == after1 == before1  # rank 1's weights (bf16, buffers too)
+        cls, msg = got["refused"]
+        assert cls == "VLPruneError" and "bias: ((4,)" in msg and "((5,)" in msg and got["untouched"]
