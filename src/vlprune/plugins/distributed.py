@@ -47,6 +47,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -145,7 +146,7 @@ def _stable(value: Any) -> Any:
     """A picklable, rank-independent description of a config value (no memory addresses)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, torch.dtype | torch.device):
+    if isinstance(value, torch.dtype | torch.device | os.PathLike):
         return str(value)
     if isinstance(value, torch.Tensor):
         data = value.detach().float().cpu() if value.is_floating_point() else value.detach().cpu().double()
@@ -251,6 +252,8 @@ class guard:  # noqa: N801 - used as a context manager, like contextlib's helper
         problem = self._count_difference(reports)
         if problem is not None:
             raise errors.DataError(problem)
+        logger.debug("%s: the %d ranks agree (model, arguments, counts %s)", self.what, len(reports),
+                     [rep["counts"] for rep in reports])
         return False
 
     def _model_difference(self, prints: Sequence[list[tuple[str, tuple[int, ...], str]]]) -> str:
