@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -235,3 +236,147 @@ def test_profile_json_round_trip_and_plot(tmp_path) -> None:
     with pytest.raises(VLPruneError):
         (tmp_path / "bad.json").write_text("{}")
         IDProfile.from_json(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the GEMM-speed exact kernel (vlprune.plugins._neighbours): exact to float64 rounding
+# ---------------------------------------------------------------------------------------------
+
+
+def _exact_knn_reference(x: np.ndarray, k: int = 2) -> np.ndarray:
+    """Independent float64 reference: direct differences to every other row, no matrix product."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty((len(x), k))
+    for i in range(len(x)):
+        d = np.sqrt(((x - x[i]) ** 2).sum(axis=1))
+        d[i] = np.inf
+        out[i] = np.sort(d)[:k]
+    return out
+
+
+def _exact_twonn_reference(x: np.ndarray, discard: float = 0.1, method: str = "linear") -> float:
+    """skdim's fit on exact float64 (r1, r2) of the distinct rows."""
+    r = _exact_knn_reference(np.unique(np.asarray(x, dtype=np.float64), axis=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(skdim.id.TwoNN(discard_fraction=discard, method=method, dist=True).fit(r).dimension_)
+
+
+@functools.lru_cache(maxsize=1)
+def _tight_datasets() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(20)
+    grid = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0), np.arange(6.0)), -1).reshape(-1, 3)
+    base = rng.normal(size=(700, 30))
+    return {
+        "curved_768": np.tanh(rng.normal(size=(600, 10)) @ rng.normal(size=(10, 768)) / 3) + 0.01 * rng.normal(size=(600, 768)),
+        # lattice sites with a partner at 0.2 to 0.5 (the 1st neighbour); the 2nd, 3rd, ... neighbours are
+        # lattice sites at distance ~1, tied up to a 1e-9 jitter: their order is decided below float32 precision
+        "near_ties_lattice": np.concatenate(
+            [
+                np.concatenate([grid, np.zeros((len(grid), 37))], 1),
+                np.concatenate([grid, np.zeros((len(grid), 37))], 1)
+                + rng.uniform(0.2, 0.5, (len(grid), 1)) * np.linalg.qr(rng.normal(size=(40, 40)))[0][:, :1].T,
+            ]
+        )
+        + 1e-9 * rng.normal(size=(2 * len(grid), 40)),
+        "duplicates": np.concatenate([base, base[:200], base[:40], base[5:6]]),
+        "gaussian_64": rng.normal(size=(1000, 64)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tight_datasets()))
+def test_twonn_agrees_with_skdim_to_1e6(name: str) -> None:
+    x = _tight_datasets()[name]
+    for method, discard in (("linear", 0.1), ("mle", 0.0)):
+        reference = _skdim(np.unique(x, axis=0), discard, method)
+        assert reference == pytest.approx(_exact_twonn_reference(x, discard, method), rel=1e-9)  # skdim is exact here
+        assert twonn(torch.tensor(x), discard, method) == pytest.approx(reference, rel=1e-6), (name, method)
+        x32 = x.astype(np.float32)
+        assert twonn(torch.tensor(x32), discard, method) == pytest.approx(
+            _skdim(np.unique(x32.astype(np.float64), axis=0), discard, method), rel=1e-6
+        ), (name, method, "float32 input")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_twonn_exact_far_from_the_origin(dtype: type) -> None:
+    # spread 1e-2 at offset 1e4: |x|^2 + |y|^2 - 2 x.y without centring cancels every digit
+    rng = np.random.default_rng(21)
+    x = (rng.normal(size=(800, 5)) @ rng.normal(size=(5, 96)) * 1e-2 + 1e4 * rng.uniform(0.5, 1.0, 96)).astype(dtype)
+    x64 = x.astype(np.float64)
+    ours = twonn(torch.tensor(x))
+    assert ours == pytest.approx(_exact_twonn_reference(x64), rel=1e-9)
+    assert ours == pytest.approx(_skdim(np.unique(x64, axis=0) - x64.mean(0)), rel=1e-6)  # skdim on centred data
+    torch.testing.assert_close(
+        nearest_neighbour_distances(torch.tensor(x)), torch.tensor(_exact_knn_reference(x64)), rtol=1e-12, atol=0
+    )
+
+
+def _misordered_data() -> np.ndarray:
+    """Clusters (1st neighbour at 1, 2nd at 1.2 to 1.4, 3rd at 1.25 to 1.45) far apart in a cloud
+    of norm ~1e4: the float32 error of a squared distance (~u |x|^2 ~ 10) dwarfs the gaps."""
+    rng = np.random.default_rng(22)
+    dim = 32
+    centres = rng.normal(size=(150, dim)) * 2000.0
+    points = []
+    for c in centres:
+        dirs = np.linalg.qr(rng.normal(size=(dim, 3)))[0].T
+        r2 = rng.uniform(1.2, 1.4)
+        points += [c, c + dirs[0], c + r2 * dirs[1], c + (r2 + 0.05) * dirs[2]]
+    return np.asarray(points)
+
+
+def test_ambiguous_float32_margins_are_rechecked_exactly() -> None:
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances
+
+    x = _misordered_data()
+    exact = _exact_knn_reference(x, 3)
+    # a plain float32 search really gets the 2nd/3rd neighbour order wrong on these data
+    x32 = torch.tensor(x - x.mean(0), dtype=torch.float32)
+    sq = (x32 * x32).sum(1)
+    d2_32 = sq[:, None] + sq[None, :] - 2 * x32 @ x32.T
+    d2_32.fill_diagonal_(float("inf"))
+    naive_r2 = torch.topk(d2_32, 2, largest=False).values[:, 1].clamp_min(0).sqrt().double().numpy()
+    assert np.abs(naive_r2 - exact[:, 1]).max() > 0.04
+    # ... the kernel notices the ambiguous margins, re-checks those rows and returns the exact distances
+    stats = NeighbourStats()
+    got = knn_distances(torch.tensor(x), 2, stats=stats)
+    assert stats.rechecked > 0 and stats.search_dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor(exact[:, :2]), rtol=1e-12, atol=0)
+    assert twonn(torch.tensor(x)) == pytest.approx(_exact_twonn_reference(x), rel=1e-9)
+
+
+def test_chunked_equals_unchunked() -> None:
+    x = torch.tensor(_tight_datasets()["curved_768"])
+    whole = nearest_neighbour_distances(x, chunk_size=x.shape[0])
+    for chunk in (7, 256):
+        assert torch.equal(nearest_neighbour_distances(x, chunk_size=chunk), whole), chunk
+    assert twonn(x, chunk_size=37) == twonn(x)
+
+
+def test_float64_search_and_reduced_matmul_precision_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlprune.plugins import _neighbours
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances
+
+    x = torch.tensor(_misordered_data())
+    exact = torch.tensor(_exact_knn_reference(x.numpy()))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # may round GEMM inputs to bf16: the bound widens
+        stats = NeighbourStats()
+        torch.testing.assert_close(knn_distances(x, 2, stats=stats), exact, rtol=1e-12, atol=0)
+        assert stats.error_constant > 2**-8
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    monkeypatch.setattr(_neighbours, "_MAX_C", 0.0)  # as for D ~ 1e6: the float32 bound says nothing
+    stats = NeighbourStats()
+    torch.testing.assert_close(knn_distances(x, 2, stats=stats), exact, rtol=1e-12, atol=0)
+    assert stats.search_dtype == torch.float64
+
+
+def test_duplicates_found_by_the_search_match_drop_duplicate_rows() -> None:
+    rng = np.random.default_rng(23)
+    base = torch.tensor(rng.normal(size=(300, 12)))
+    x = torch.cat([base, base[7:9], base[:3], base[7:8]])[torch.randperm(306, generator=torch.Generator().manual_seed(0))]
+    distinct = drop_duplicate_rows(x)
+    assert distinct.shape[0] == 300 and torch.equal(distinct, x[np.sort(np.unique(x.numpy(), axis=0, return_index=True)[1])])
+    assert twonn(x) == twonn(distinct)
