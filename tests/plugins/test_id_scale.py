@@ -15,10 +15,10 @@ from torch import nn
 
 from tests.conftest import batches_for
 from vlprune import VLPruneError
-from vlprune.plugins import id_storage
+from vlprune.plugins import id_storage, id_streamed
 from vlprune.plugins.capture import ActivationCapture, StoreRows
 from vlprune.plugins.id_sketch import SparseSignSketch
-from vlprune.plugins.id_storage import RowStore, available_memory_bytes, default_budget_mb
+from vlprune.plugins.id_storage import RowStore, available_memory_bytes, default_budget_mb, step_bytes
 from vlprune.plugins.intrinsic_dim import estimate_ids, twonn
 from vlprune.testbed.tiny import tiny_model
 
@@ -49,11 +49,37 @@ def test_spilled_rows_give_the_in_memory_estimates_bit_for_bit(monkeypatch: pyte
     stores = _spy_store(monkeypatch)
     modules = ["*.layers.0.mlp.fc1", "*.layers.1.self_attn.q_proj", "vision_model.embeddings.patch_embedding"]  # linears, a conv
     in_memory = estimate_ids(model, batches, modules, n_samples=40, max_memory_mb=4096, progress=False)
-    spilled = estimate_ids(model, batches, modules, n_samples=40, max_memory_mb=0.05, spill_dir=tmp_path, progress=False)
+    # room for the widest module's distance step and a few rows: nearly every row goes to disk
+    widest = max(x.features for x in in_memory.layers.values())
+    budget_mb = (step_bytes(40, widest) + 4 * widest * 4) / 2**20
+    spilled = estimate_ids(model, batches, modules, n_samples=40, max_memory_mb=budget_mb, spill_dir=tmp_path, progress=False)
     assert stores[0][1] == 0 and stores[1][1] > 0  # the first never touched the disk, the second did
     assert in_memory.ids() == spilled.ids()
     assert [x.n_samples for x in in_memory.layers.values()] == [x.n_samples for x in spilled.layers.values()]
     assert list(tmp_path.iterdir()) == []  # the temporary directory is gone
+
+
+def test_modules_too_wide_for_the_budget_are_estimated_block_by_block(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Below one module's distance step the estimate streams column blocks from disk: the same
+    estimate up to float64 rounding, duplicates collapsed as twonn does."""
+    model, batches = _manifold_model(width=1500, n=200)
+    x = torch.cat(batches)
+    batches = list(torch.cat([x, x[:30], x[:5]]).split(47))  # 35 duplicate rows
+    in_memory = estimate_ids(model, batches, n_samples=235, max_memory_mb=4096, progress=False)
+    monkeypatch.setattr(id_storage, "STREAM_ABOVE_BYTES", 0)  # stream even this small step
+    streamed_calls: list[int] = []
+    original = id_streamed._gram_pass
+    monkeypatch.setattr(id_streamed, "_gram_pass", lambda rows, step: (streamed_calls.append(step), original(rows, step))[1])
+    budget_mb = step_bytes(235, 1500) / 2 / 2**20  # half of what the in-RAM step needs
+    streamed = estimate_ids(model, batches, n_samples=235, max_memory_mb=budget_mb, spill_dir=tmp_path, progress=False)
+    assert streamed_calls and max(streamed_calls) < 1500  # several column blocks
+    assert streamed.layers["0"].n_samples == in_memory.layers["0"].n_samples == 200
+    assert streamed["0"] == pytest.approx(in_memory["0"], rel=1e-12)
+    for method in ("mle",):
+        a = estimate_ids(model, batches, n_samples=235, estimator=method, progress=False)["0"]
+        b = estimate_ids(model, batches, n_samples=235, estimator=method, max_memory_mb=budget_mb, progress=False)["0"]
+        assert b == pytest.approx(a, rel=1e-12)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -124,15 +150,17 @@ def test_default_budget_is_half_the_available_memory(monkeypatch: pytest.MonkeyP
     assert default_budget_mb() == 3072.0
     monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: None)
     assert default_budget_mb() == id_storage.FALLBACK_BUDGET_MB
-    # estimate_ids without max_memory_mb follows it: 0.2 MB available -> a 0.1 MB budget -> rows spill
+    # estimate_ids without max_memory_mb follows it: with little memory available the rows spill
     model = tiny_model("clip")
     batches = batches_for("clip", n_batches=2, batch_size=10)
     stores = _spy_store(monkeypatch)
-    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: 200_000)
-    small = estimate_ids(model, batches, ["*.fc1"], n_samples=20, spill_dir=tmp_path, progress=False)
     monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: 16 * 2**30)
     large = estimate_ids(model, batches, ["*.fc1"], n_samples=20, spill_dir=tmp_path, progress=False)
-    assert stores[0][1] > 0 and stores[1][1] == 0
+    widest = max(x.features for x in large.layers.values())
+    available = 2 * (step_bytes(20, widest) + 8 * widest * 4)  # half of it: one distance step and 8 rows
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: available)
+    small = estimate_ids(model, batches, ["*.fc1"], n_samples=20, spill_dir=tmp_path, progress=False)
+    assert stores[0][1] == 0 and stores[1][1] > 0
     assert small.ids() == large.ids()
 
 

@@ -41,6 +41,7 @@ from vlprune.plugins.capture import Representation, StoreRows
 __all__ = [
     "AUTO_BUDGET_FRACTION",
     "FALLBACK_BUDGET_MB",
+    "STREAM_ABOVE_BYTES",
     "available_memory_bytes",
     "default_budget_mb",
     "MemoryBudget",
@@ -57,6 +58,11 @@ AUTO_BUDGET_FRACTION = 0.5
 
 #: budget when the available memory cannot be read (no /proc/meminfo and no psutil)
 FALLBACK_BUDGET_MB = 2048.0
+
+#: a module's distance step is streamed from its stored rows (:mod:`vlprune.plugins.id_streamed`)
+#: only when it needs more than the budget AND more than this: below it, the in-RAM step (faster,
+#: bit for bit the in-memory estimate) passes a small budget by at most these bytes
+STREAM_ABOVE_BYTES = 64 * 2**20
 
 
 def available_memory_bytes() -> int | None:

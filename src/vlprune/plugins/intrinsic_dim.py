@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
-from vlprune.plugins import distributed
+from vlprune.plugins import distributed, id_storage
 from vlprune.plugins._neighbours import knn_distances
 from vlprune.plugins.capture import (
     ActivationCapture,
@@ -57,7 +57,8 @@ from vlprune.plugins.capture import (
     resolve_modules,
 )
 from vlprune.plugins.id_sketch import SparseSignSketch
-from vlprune.plugins.id_storage import RowStore, check_first_batch, default_budget_mb, step_bytes
+from vlprune.plugins.id_storage import RowStore, SpillingRows, check_first_batch, default_budget_mb, step_bytes
+from vlprune.plugins.id_streamed import streamed_twonn
 
 __all__ = [
     "twonn",
@@ -534,30 +535,38 @@ def _layer_rows(store: RowStore, name: str) -> torch.Tensor:
 
 
 def _layer_estimate(
-    rows: torch.Tensor,
+    rows: torch.Tensor | SpillingRows,
     name: str,
     n_samples: int,
     representation: str,
     estimator: Estimator,
     discard_fraction: float,
     n_blocks: int | None,
+    budget_bytes: int = 0,
 ) -> tuple[float, int]:
-    """TwoNN (or its block average) of one module's rows; returns (ID, distinct rows used)."""
+    """TwoNN (or its block average) of one module's rows; returns (ID, distinct rows used).
+
+    ``rows`` is the (rows, features) tensor (:func:`_layer_rows`), or, for a module whose
+    distance step does not fit the budget, its store, estimated column block by column block
+    (:func:`vlprune.plugins.id_streamed.streamed_twonn`) within ``budget_bytes``."""
+    n_rows = rows.rows if isinstance(rows, SpillingRows) else int(rows.shape[0])
     try:
-        if rows.shape[0] < MIN_SAMPLES:
+        if n_rows < MIN_SAMPLES:
             raise DataError(
-                f"only {rows.shape[0]} sample(s) reached it (n_samples={n_samples}); TwoNN needs at least "
+                f"only {n_rows} sample(s) reached it (n_samples={n_samples}); TwoNN needs at least "
                 f"{MIN_SAMPLES} to mean anything (the paper uses 2000): "
                 + ("raise n_samples" if n_samples < MIN_SAMPLES else "pass more calibration batches")
             )
-        if n_blocks:
+        if isinstance(rows, SpillingRows):
+            value, n_distinct = streamed_twonn(rows, discard_fraction, estimator, budget_bytes)
+        elif n_blocks:
             rows = drop_duplicate_rows(rows)
             value, n_distinct = twonn_block_average(rows, n_blocks, discard_fraction, estimator), rows.shape[0]
         else:
             value, n_distinct = _twonn_counted(rows, discard_fraction, estimator)
         if n_distinct < MIN_SAMPLES:
             raise DataError(
-                f"only {n_distinct} distinct sample(s) of {rows.shape[0]} reached it; TwoNN needs at least "
+                f"only {n_distinct} distinct sample(s) of {n_rows} reached it; TwoNN needs at least "
                 f"{MIN_SAMPLES} to mean anything: pass more (and more varied) calibration batches"
             )
     except DataError as exc:
@@ -701,24 +710,30 @@ def estimate_ids(
             "estimate_ids: %d modules captured in one pass, %.0f MB in RAM and %.0f MB spilled to disk (budget %.0f MB)",
             len(names), store.ram_bytes / 2**20, store.written_bytes / 2**20, budget_mb,
         )
-        over = {n: step_bytes(r.rows, r.width) for n, r in reducers.items() if step_bytes(r.rows, r.width) > reserve}
-        if over:
-            worst = max(over, key=over.__getitem__)
+        # modules whose in-RAM distance step would pass the budget are estimated from their stored rows
+        limit = max(reserve, id_storage.STREAM_ABOVE_BYTES)
+        over = {n for n, r in reducers.items() if step_bytes(r.rows, r.width) > limit}
+        if over and (n_blocks or distributed.is_active()):
             logger.warning(
-                "estimate_ids: the distance step of %d module(s) needs more than the %.0f MB budget "
-                "(%s: %.0f MB); it runs in RAM anyway", len(over), budget_mb, worst, over[worst] / 2**20,
+                "estimate_ids: the distance step of %d module(s) needs more than the %.0f MB budget; it runs in RAM "
+                "anyway (block-by-block estimates need n_blocks=None and one process)", len(over), budget_mb,
             )
+            over = set()
+        elif over:
+            logger.info("estimate_ids: %d module(s) estimated column block by column block within the budget", len(over))
         for name in tqdm(names, desc="intrinsic dimension", disable=not progress):
-            rows = _layer_rows(store, name)
-            seen[name] = int(rows.shape[0])
+            width = reducers[name].width
+            rows = reducers[name] if name in over else _layer_rows(store, name)
+            seen[name] = rows.rows if isinstance(rows, SpillingRows) else int(rows.shape[0])
             value, n_distinct = _layer_estimate(
-                rows, name, n_samples, representation, estimator, discard_fraction, n_blocks
+                rows, name, n_samples, representation, estimator, discard_fraction, n_blocks, reserve
             )
+            store.release(name)
             layers[name] = LayerID(
                 name=name,
                 id=value,
                 n_samples=n_distinct,
-                features=int(rows.shape[1]),
+                features=int(width),
                 modality=modality_of(name) if modality_of else "unknown",
             )
             del rows
