@@ -1,29 +1,30 @@
 """Exact k-nearest-neighbour distances at float32 GEMM speed (the kernel behind TwoNN).
 
-The float32 products ``y_i . y_j`` of the centred rows are computed once per pair, by square
-blocks over the upper triangle (the distance matrix is symmetric, so this is half of a plain
-``cdist``'s GEMM), keeping a running top-``(k+1)`` per row. Only ``k`` distances per point are
-then recomputed in float64 from the original rows, and a point is searched again only when the
+The float32 products of the centred rows are computed once per pair: one GEMM per block of rows
+``I`` against the columns ``j >= I`` (the distance matrix is symmetric, so 58% to 67% of a plain
+``cdist``'s GEMM), each block serving its rows (top-k along rows) and its columns (top-k along
+columns), with a running top-``(k+1)`` per row. Only ``k`` distances per point are then
+recomputed in float64 from the original rows, and a point is searched again only when the
 float32 margin between its ``k``-th and ``(k+1)``-th neighbour is smaller than a rigorous bound
 on the float32 error. The result is the float64 distance to the true ``k`` nearest other rows
 (ties aside, where either choice gives the same distance).
 
 Error bound (why the re-check is exact). The rows are shifted by a constant vector ``m`` (the
 mean, which does not change any distance) and rounded: ``y_i = fl(x_i - m)`` in the search
-dtype (unit roundoff ``u``). With ``n_i = |y_i|``, ``s_i = n_i^2``, the block computed as
-``w_ij = fl(y_i.y_j - s_j / 2)`` by one GEMM (and, for the transposed direction, two more
-rounded updates ``+ s_j / 2 - s_i / 2``) and ``v_ij = -2 w_ij`` (the squared distance minus
-``s_i``), the standard dot-product bound ``|fl(a.b) - a.b| <= gamma_D |a||b|``
-(``gamma_D = D u / (1 - D u)``, any summation order), the rounding of ``s``, of the updates and
-of ``y`` itself give
+dtype (unit roundoff ``u``). With ``n_i = |y_i|`` and ``s_i = n_i^2`` (float64), one GEMM of the
+augmented rows ``[y_i, -s_i/2, 1]`` and ``[y_j, 1, -s_j/2]`` gives
+``z_ij = fl(y_i.y_j - s_i/2 - s_j/2)``, i.e. ``-|y_i - y_j|^2 / 2`` up to rounding. The
+dot-product bound ``|fl(a.b) - a.b| <= gamma_{D+2} |a||b|`` (``gamma_n = n u / (1 - n u)``, any
+summation order), the rounding of ``s / 2`` and of ``y`` itself give
 
-    | v_ij + s_i - |x_i - x_j|^2 | <= c (n_i + n_j)^2,   c = 1.01 (gamma_D + 2 u_in + 12 u)
+    | -2 z_ij - |x_i - x_j|^2 | <= c (n_i + n_j)^2,   c = 1.01 (gamma_{D+2} + 2 u_in + 12 u)
 
 (``u_in`` is the input rounding of a reduced-precision matmul mode, TF32 / BF16, 0 by default).
-A point whose exactly recomputed ``k``-th distance is below the lower bound of its
-``(k+1)``-th float32 candidate is certified; otherwise every row ``j`` with a lower bound under
-that distance is recomputed exactly. When ``c`` is too large for the bound to say anything
-(``D`` near a million in float32, or a reduced-precision mode), the search runs in float64.
+A point whose exactly recomputed ``k``-th squared distance is at most the lower bound
+``-2 z - c (n_i + n_max)^2`` of its ``(k+1)``-th candidate (and so of every row not among its
+candidates) is certified; otherwise every row ``j`` with ``-2 z_ij - c (n_i + n_j)^2`` under that
+distance is recomputed exactly. When ``c`` is too large for the bound to say anything (``D``
+near a million in float32, or a reduced-precision mode), the search runs in float64.
 
 Example:
     >>> import torch
@@ -46,9 +47,10 @@ __all__ = ["NeighbourStats", "knn_distances", "centred_copy"]
 
 logger = logging.getLogger(__name__)
 
-#: side of the square float32 product blocks: 512 x 512 = 1 MB, large enough for full GEMM speed
-DEFAULT_SIDE = 512
-#: elements of the float64 (rows x N) temporaries of a re-check: 1M = 8 MB
+#: fewest rows per product block (smaller blocks lose GEMM speed)
+MIN_ROWS = 256
+#: elements of the float64 (rows x N) temporaries of a re-check (1M = 8 MB); 4x this is the
+#: float32 product block
 BLOCK_ELEMENTS = 1024 * 1024
 #: elements of one float64 temporary of the exact re-computation: 24K = 192 KB, cache-sized and
 #: under torch's parallel grain (32K), so these many small steps never wait on a thread barrier
@@ -103,7 +105,13 @@ def _error_constant(dim: int, dtype: torch.dtype, device: torch.device) -> float
     return 1.01 * (gamma + 2 * u_in + u_in * u_in + 12 * u)
 
 
-def centred_copy(x: torch.Tensor, dtype: torch.dtype = torch.float32, rows_per_chunk: int | None = None) -> torch.Tensor:
+def centred_copy(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    rows_per_chunk: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x`` minus its column mean, in ``dtype``, built without a float64 copy of ``x``.
 
     The mean is accumulated in float64 and subtracted in ``x``'s precision (float64 input) or in
@@ -114,9 +122,10 @@ def centred_copy(x: torch.Tensor, dtype: torch.dtype = torch.float32, rows_per_c
         x: (N, D) float tensor.
         dtype: dtype of the copy.
         rows_per_chunk: rows converted at a time (float64 input only; bounds the temporary).
+        out: (N, D) tensor of ``dtype`` to write into (e.g. a view of a wider buffer).
 
     Returns:
-        (N, D) tensor of ``dtype`` on ``x``'s device.
+        (N, D) tensor of ``dtype`` on ``x``'s device (``out`` when given).
 
     Raises:
         DataError: NaN or Inf in ``x`` (found from the column sums, without a separate pass).
@@ -126,25 +135,29 @@ def centred_copy(x: torch.Tensor, dtype: torch.dtype = torch.float32, rows_per_c
         if bool(torch.isfinite(x).all()):
             raise DataError("the data are too large for float64 sums (|x| ~ 1e308); rescale them")
         raise DataError("the data contain NaN or Inf values; the intrinsic dimension is undefined")
-    if x.dtype == torch.float64 and dtype != torch.float64:  # subtract in float64, then round once
+    if out is None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.dtype == torch.float64 and dtype != torch.float64:  # subtract in float64, then round once
         step = rows_per_chunk or max(1, BLOCK_ELEMENTS // max(1, x.shape[1]))
         for start in range(0, x.shape[0], step):
             out[start : start + step] = x[start : start + step] - mean
         return out
     if x.dtype == dtype:
-        return torch.sub(x, mean.to(dtype))
-    return x.to(dtype).sub_(mean.to(dtype))
+        return torch.sub(x, mean.to(dtype), out=out)
+    out.copy_(x)  # exact: a wider float type
+    return out.sub_(mean.to(dtype))
 
 
 def _exact_distances(x: torch.Tensor, rows: torch.Tensor | slice, cols: torch.Tensor) -> torch.Tensor:
     """float64 ``|x[rows][a] - x[cols[a, b]]|`` from the original rows (direct differences).
 
-    ``rows`` is a slice (a contiguous run of rows) or an index tensor. ``index_select`` and
-    sub-grain blocks keep every step free of thread-pool barriers (many small steps)."""
+    ``rows`` is a slice (a contiguous run of rows) or an index tensor. On CPU, ``index_select``
+    and sub-grain blocks keep every step free of thread-pool barriers (many small steps); on a
+    GPU the blocks are 64x larger (fewer kernel launches)."""
     count, width = cols.shape
     out = torch.empty(count, width, dtype=torch.float64, device=x.device)
-    per_block = max(1, EXACT_ELEMENTS // max(1, width * x.shape[1]))
+    limit = EXACT_ELEMENTS if x.device.type == "cpu" else 64 * EXACT_ELEMENTS
+    per_block = max(1, limit // max(1, width * x.shape[1]))
     for a in range(0, count, per_block):
         b = min(count, a + per_block)
         diff = x.index_select(0, cols[a:b].reshape(-1)).to(torch.float64).view(b - a, width, -1)
@@ -157,20 +170,34 @@ def _exact_distances(x: torch.Tensor, rows: torch.Tensor | slice, cols: torch.Te
     return out
 
 
+def _row_block(n: int, chunk_size: int | None) -> int:
+    """Rows per product block. ``B`` blocks cost ``1/2 + 1/(2B)`` of the full GEMM and ``3B``
+    thread-pool regions: ``B = 6`` on one thread, ``B = 3`` on several (each region ends in a
+    barrier, which costs milliseconds when other processes share the cores); at least 256 rows,
+    and the (rows x N) float32 block under 16 MB."""
+    if chunk_size is not None:
+        return max(1, min(n, chunk_size))
+    blocks = 6 if torch.get_num_threads() == 1 else 3
+    return max(1, min(n, max(MIN_ROWS, -(-n // blocks)), max(1, 4 * BLOCK_ELEMENTS // n)))
+
+
 def knn_distances(
     x: torch.Tensor, k: int = 2, *, chunk_size: int | None = None, stats: NeighbourStats | None = None
 ) -> torch.Tensor:
     """Exact distances of every row of ``x`` to its ``k`` nearest other rows.
 
-    The float32 product is computed by square blocks over the upper triangle only (the distance
-    matrix is symmetric): each block serves its rows and, transposed, its columns, so the search
-    costs about half of a plain ``cdist``'s ``N x N x D`` GEMM. A running top-``(k+1)`` per row
-    is kept; then ``k`` distances per row are recomputed in float64 and ambiguous rows re-checked.
+    One float32 GEMM per row block ``I`` gives ``z_ij = y_i.y_j - s_i / 2 - s_j / 2``
+    (``= -|y_i - y_j|^2 / 2``, through two augmented columns) for the columns ``j >= I``
+    only: the matrix is symmetric, so each block serves its rows (top-k along rows) and its
+    columns (top-k along columns), 58% to 67% of a plain ``cdist``'s GEMM, with three
+    thread-pool regions per block. A running top-``(k+1)`` per row is kept; then ``k``
+    distances per row are recomputed in float64 and ambiguous rows re-checked.
 
     Args:
         x: (N, D) float tensor (any float dtype, any device), N >= k + 1. Not modified.
         k: number of neighbours.
-        chunk_size: side of the square GEMM blocks (default 512: a 1 MB float32 block).
+        chunk_size: rows per product block (default: about N / 6 on one thread, N / 3 on
+            several, at least 256, the block under 16 MB).
         stats: filled in with what the search did, if given.
 
     Returns:
@@ -187,47 +214,54 @@ def knn_distances(
     n, dim = x.shape
     stats = stats if stats is not None else NeighbourStats()
     search = torch.float32
-    const = _error_constant(dim, search, x.device)
+    const = _error_constant(dim + 2, search, x.device)
     if const > _MAX_C:
         search = torch.float64
-        const = _error_constant(dim, search, x.device)
+        const = _error_constant(dim + 2, search, x.device)
     stats.rows, stats.search_dtype, stats.error_constant = n, search, const
-    y = centred_copy(x, search)
-    s = torch.linalg.vector_norm(y, dim=1, dtype=torch.float64).square_()
+    left, right, s = _augmented(x, search)
     norms = s.sqrt()
     n_max = float(norms.max())
-    half = (s / 2).to(search)
     m = k + 1  # k candidates to recompute, the (k+1)-th certifies them
-    side = max(1, min(n, chunk_size or DEFAULT_SIDE))
-    # running best per row of w_ij = y_i.y_j - s_j / 2 = (s_i - |y_i - y_j|^2) / 2: largest = nearest
+    rows = _row_block(n, chunk_size)
+    # running best per row of z_ij = -|y_i - y_j|^2 / 2: largest = nearest
     best = torch.full((n, m), float("-inf"), dtype=search, device=x.device)
     best_idx = torch.full((n, m), -1, dtype=torch.long, device=x.device)
-    buffer = torch.empty(side, side, dtype=search, device=x.device)
-    for a0 in range(0, n, side):
-        a1 = min(n, a0 + side)
-        for b0 in range(a0, n, side):
-            b1 = min(n, b0 + side)
-            block = buffer[: a1 - a0, : b1 - b0]
-            torch.addmm(half[b0:b1].expand(a1 - a0, b1 - b0), y[a0:a1], y[b0:b1].T, beta=-1.0, out=block)
-            if a0 == b0:
-                block.diagonal().fill_(float("-inf"))
-            values, idx = torch.topk(block, min(m, b1 - b0), dim=1)
-            _merge(best, best_idx, a0, a1, values, idx + b0)
-            if a0 != b0:  # the same block, seen from its columns: w_ji = y_i.y_j - s_i / 2
-                block.add_(half[None, b0:b1]).sub_(half[a0:a1, None])
-                values, idx = torch.topk(block, min(m, a1 - a0), dim=0)
-                _merge(best, best_idx, b0, b1, values.T, idx.T + a0)
+    for a0 in range(0, n, rows):
+        a1 = min(n, a0 + rows)
+        block = left[a0:a1] @ right[a0:].T  # rows a0:a1, columns a0:n
+        block[:, : a1 - a0].fill_diagonal_(float("-inf"))
+        values, idx = torch.topk(block, min(m, n - a0), dim=1)
+        _merge(best, best_idx, a0, a1, values, idx + a0)
+        if a1 < n:  # the same products seen from the columns a1:n
+            values, idx = torch.topk(block[:, a1 - a0 :], min(m, a1 - a0), dim=0)
+            _merge(best, best_idx, a1, n, values.T, idx.T + a0)
+        del block
     exact = torch.sort(_exact_distances(x, slice(0, n), best_idx[:, :k]), dim=1).values
     kth = exact[:, k - 1].square()
-    lower = s - 2 * best[:, k].to(torch.float64) - const * (norms + n_max).square()
+    lower = -2 * best[:, k].to(torch.float64) - const * (norms + n_max).square()
     ambiguous = (kth > lower).nonzero().flatten()
     if ambiguous.numel():
-        exact[ambiguous] = _recheck(x, y, ambiguous, best_idx[ambiguous, :k], kth[ambiguous], s, norms, const, k, stats)
+        exact[ambiguous] = _recheck(x, left, right, ambiguous, best_idx[ambiguous, :k], kth[ambiguous], norms, const, k, stats)
     logger.debug(
         "knn_distances: %d points, %s search, %d re-checked (%d exact pairs)",
         n, search, stats.rechecked, stats.recheck_pairs,
     )
     return exact
+
+
+def _augmented(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``left = [y, -s/2, 1]`` and ``right = [y, 1, -s/2]`` (``y`` the centred rows, ``s`` their
+    float64 squared norms, also returned), so that ``left @ right.T = y.y^T - s_i/2 - s_j/2``."""
+    n, dim = x.shape
+    left = torch.empty(n, dim + 2, dtype=dtype, device=x.device)
+    centred_copy(x, dtype, out=left[:, :dim])
+    s = torch.linalg.vector_norm(left[:, :dim], dim=1, dtype=torch.float64).square_()
+    right = torch.empty_like(left)
+    right[:, :dim] = left[:, :dim]
+    left[:, dim] = right[:, dim + 1] = (s / -2).to(dtype)
+    left[:, dim + 1] = right[:, dim] = 1.0
+    return left, right, s
 
 
 def _merge(best: torch.Tensor, best_idx: torch.Tensor, r0: int, r1: int, values: torch.Tensor, idx: torch.Tensor) -> None:
@@ -241,28 +275,27 @@ def _merge(best: torch.Tensor, best_idx: torch.Tensor, r0: int, r1: int, values:
 
 def _recheck(
     x: torch.Tensor,
-    y: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
     rows: torch.Tensor,
     first: torch.Tensor,
     kth: torch.Tensor,
-    s: torch.Tensor,
     norms: torch.Tensor,
     const: float,
     k: int,
     stats: NeighbourStats,
 ) -> torch.Tensor:
     """Exact ``k`` nearest distances of the ambiguous ``rows``: their product rows are formed
-    again, and every row ``j`` whose per-pair lower bound ``v_ij + s_i - c (n_i + n_j)^2`` is at
-    most the current ``k``-th squared distance is recomputed exactly."""
-    n = y.shape[0]
-    s_search = s.to(y.dtype)
+    again, and every row ``j`` whose lower bound ``-2 z_ij - c (n_i + n_j)^2`` on the squared
+    distance is at most the current ``k``-th squared distance is recomputed exactly."""
+    n = left.shape[0]
     out = torch.empty(rows.numel(), k, dtype=torch.float64, device=x.device)
     per = max(1, BLOCK_ELEMENTS // (2 * n))
     for a in range(0, rows.numel(), per):
         idx = rows[a : a + per]
         here = torch.arange(idx.numel(), device=x.device)
-        v = torch.addmm(s_search.expand(idx.numel(), n), y.index_select(0, idx), y.T, alpha=-2.0)  # s_j - 2 y_i.y_j
-        bound = v.to(torch.float64) + s[idx, None] - const * (norms[idx, None] + norms[None, :]).square()
+        z = left.index_select(0, idx) @ right.T
+        bound = (z.to(torch.float64) * -2).sub_(const * (norms[idx, None] + norms[None, :]).square())
         bound[here, idx] = float("inf")
         keep = bound <= kth[a : a + per, None]
         keep.scatter_(1, first[a : a + per], True)  # the first candidates always stay in the set

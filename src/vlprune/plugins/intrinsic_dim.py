@@ -112,8 +112,11 @@ def prunable_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
-    """``x`` as a validated 2-D floating tensor (integers become float64; no copy otherwise)."""
+def _as_2d_float(x: torch.Tensor | object, check_finite: bool = True) -> torch.Tensor:
+    """``x`` as a validated 2-D floating tensor (integers become float64; no copy otherwise).
+
+    ``check_finite=False`` leaves the NaN / Inf check to the neighbour search, which gets it
+    from the column sums it needs anyway (a full ``isfinite`` pass costs ~10% of a TwoNN)."""
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(x)
@@ -123,7 +126,7 @@ def _as_2d_float(x: torch.Tensor | object) -> torch.Tensor:
         raise DataError(f"twonn expects a 2-D (points x features) tensor, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.double()
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         raise DataError("the data contain NaN or Inf values; the intrinsic dimension is undefined")
     return x
 
@@ -175,17 +178,18 @@ def nearest_neighbour_distances(
 ) -> torch.Tensor:
     """Exact Euclidean distances of every row of ``x`` to its ``k`` nearest other rows.
 
-    One float32 matrix product per row chunk of the centred data finds ``k + 1`` candidates
-    per row; the ``k`` best are recomputed in float64 from the rows themselves (direct
-    differences), and a row is searched again only where the float32 margin to its
-    ``(k+1)``-th candidate is within a rigorous bound of the float32 error (see
-    :mod:`vlprune.plugins._neighbours`). So the distances carry no cancellation error and are
-    the true nearest ones, at the cost of one float32 GEMM. Memory beyond ``x``: one centred
-    float32 copy and a (chunk x N) float32 block of about 4 MB.
+    Float32 products of the centred data, by blocks of rows against the rows at or after them
+    only (the distance matrix is symmetric), find ``k + 1`` candidates per row; the ``k`` best are
+    recomputed in float64 from the rows themselves (direct differences), and a row is searched
+    again only where the float32 margin to its ``(k+1)``-th candidate is within a rigorous bound
+    of the float32 error (see :mod:`vlprune.plugins._neighbours`). So the distances carry no
+    cancellation error and are the true nearest ones, at the cost of 58% to 67% of a float32
+    ``N x N x D`` GEMM. Memory beyond ``x``: two centred float32 copies (with two extra columns)
+    and a (rows x N) float32 block under 16 MB.
 
     Args:
         x: (N, D) float tensor (CPU or GPU), N >= k + 1.
-        chunk_size: rows per distance block (default: the block stays near 4 MB).
+        chunk_size: rows per product block (default: about N / 6 on one thread, N / 3 on several).
         k: number of neighbours.
 
     Returns:
@@ -240,15 +244,15 @@ def twonn(
 ) -> float:
     """TwoNN intrinsic dimension of the rows of ``x``.
 
-    The cost is about one float32 ``N x N x D`` matrix product (see
+    The cost is about 60% of a float32 ``N x N x D`` matrix product (see
     :func:`nearest_neighbour_distances`); the estimate equals ``skdim.id.TwoNN`` on the
-    distinct rows up to float64 rounding.
+    distinct rows up to float64 rounding (measured: within 1e-6 relative, usually 1e-8).
 
     Args:
         x: (N, D) tensor (any float dtype, CPU or GPU) or array-like.
         discard_fraction: fraction of the largest ratios ``mu`` left out of the fit, in [0, 1).
         method: ``"linear"`` (Facco et al. least squares) or ``"mle"``.
-        chunk_size: rows per distance chunk (memory vs speed), default automatic.
+        chunk_size: rows per distance block (memory vs speed), default automatic.
 
     Returns:
         The estimated intrinsic dimension.
@@ -265,7 +269,7 @@ def twonn(
         raise VLPruneError(f"method must be 'linear' or 'mle', got {method!r}")
     if not 0.0 <= discard_fraction < 1.0:
         raise VLPruneError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
-    value, _ = _twonn_counted(_as_2d_float(x), discard_fraction, method, chunk_size)
+    value, _ = _twonn_counted(_as_2d_float(x, check_finite=False), discard_fraction, method, chunk_size)
     return value
 
 
