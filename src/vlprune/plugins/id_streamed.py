@@ -43,10 +43,15 @@ logger = logging.getLogger(__name__)
 CANDIDATES = 4
 
 
+#: fewest columns per block (below, the passes would cost more in Python than in arithmetic)
+MIN_COLUMNS = 64
+
+
 def _column_width(n_rows: int, width: int, bytes_per_column: int, budget_bytes: int) -> int:
-    """Columns per block so that a block's temporaries stay within what the budget leaves."""
+    """Columns per block so that a block's temporaries stay within what the budget leaves
+    after the N x N float64 Gram matrix and its distance copy (at least :data:`MIN_COLUMNS`)."""
     free = max(budget_bytes - 3 * n_rows * n_rows * 8, 0)
-    return max(1, min(width, free // max(1, n_rows * bytes_per_column)))
+    return max(1, min(width, max(MIN_COLUMNS, free // max(1, n_rows * bytes_per_column))))
 
 
 def _blocks(width: int, step: int) -> list[tuple[int, int]]:
