@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             model(**b)
 
-    forward()  # warm-up (allocator, kernels)
+    with torch.no_grad():
+        model(**batches[0])  # warm-up (allocator, kernels)
     runs: dict[str, Any] = {}
     _, before = timed(forward)
     available_gb = (available_memory_bytes() or 0) / 2**30

@@ -164,6 +164,22 @@ def test_default_budget_is_half_the_available_memory(monkeypatch: pytest.MonkeyP
     assert small.ids() == large.ids()
 
 
+def test_an_automatic_budget_stops_taking_ram_when_memory_runs_low(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other processes growing meanwhile: RAM is refused once the available memory would fall
+    below a quarter of its starting value; an explicit budget is not watched."""
+    available = [8 * 2**30]
+    monkeypatch.setattr(id_storage, "available_memory_bytes", lambda: available[0])
+    chunk = 64 * 2**20
+    watched = id_storage.MemoryBudget(4 * 2**30, watch_available=True)
+    plain = id_storage.MemoryBudget(4 * 2**30)
+    assert watched.take(chunk) and plain.take(chunk)
+    available[0] = 2 * 2**30 + chunk // 2  # a quarter of the start is 2 GB: taking 64 MB would pass it
+    assert not watched.take(chunk) and plain.take(chunk)
+    assert watched.limit == watched.used == chunk  # and nothing more is taken afterwards
+    available[0] = 8 * 2**30
+    assert not watched.take(1)
+
+
 # ------------------------------------------------------------------ the sketch
 def _manifold_model(d: int = 5, width: int = 1500, n: int = 400) -> tuple[nn.Module, list[torch.Tensor]]:
     """Points on a curved d-dimensional manifold (a random Fourier-feature embedding), a layer

@@ -41,6 +41,7 @@ from vlprune.plugins.capture import Representation, StoreRows
 __all__ = [
     "AUTO_BUDGET_FRACTION",
     "FALLBACK_BUDGET_MB",
+    "AUTO_FLOOR_FRACTION",
     "STREAM_ABOVE_BYTES",
     "available_memory_bytes",
     "default_budget_mb",
@@ -109,21 +110,46 @@ def default_budget_mb(fraction: float = AUTO_BUDGET_FRACTION) -> float:
     return fraction * available / 2**20
 
 
+#: with an automatic budget, RAM stops being taken once the available memory would fall below
+#: this share of what was available at the start (other processes may grow meanwhile)
+AUTO_FLOOR_FRACTION = 0.25
+
+#: bytes taken between two reads of the available memory
+_CHECK_EVERY = 64 * 2**20
+
+
 class MemoryBudget:
     """Bytes of RAM shared by the row stores of one capture; chunks that do not fit go to disk.
 
     Args:
         limit_bytes: the budget.
+        watch_available: also refuse RAM once :func:`available_memory_bytes` would fall below
+            :data:`AUTO_FLOOR_FRACTION` of its value now (read every 64 MB taken), so that
+            processes growing meanwhile on a shared machine do not run it out of memory.
     """
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, watch_available: bool = False) -> None:
         self.limit = int(limit_bytes)
         self.used = 0
+        start = available_memory_bytes() if watch_available else None
+        self._floor = None if start is None else int(AUTO_FLOOR_FRACTION * start)
+        self._since_check = 0
 
     def take(self, nbytes: int) -> bool:
         """Reserve ``nbytes`` if they fit; returns whether they did."""
         if self.used + nbytes > self.limit:
             return False
+        if self._floor is not None and self._since_check + nbytes >= _CHECK_EVERY:
+            self._since_check = 0
+            available = available_memory_bytes()
+            if available is not None and available - nbytes < self._floor:
+                logger.info(
+                    "only %.0f MB of memory left available: the rest of the activation rows go to disk",
+                    available / 2**20,
+                )
+                self.limit = self.used
+                return False
+        self._since_check += nbytes
         self.used += nbytes
         return True
 
@@ -241,10 +267,13 @@ class RowStore:
         budget_bytes: RAM shared by all modules' rows.
         spill_dir: parent of the temporary directory (default: the system temp directory,
             ``$TMPDIR``).
+        watch_available: see :class:`MemoryBudget` (what an automatic budget does).
     """
 
-    def __init__(self, budget_bytes: int, spill_dir: str | os.PathLike[str] | None = None) -> None:
-        self.budget = MemoryBudget(budget_bytes)
+    def __init__(
+        self, budget_bytes: int, spill_dir: str | os.PathLike[str] | None = None, watch_available: bool = False
+    ) -> None:
+        self.budget = MemoryBudget(budget_bytes, watch_available)
         self._parent = Path(spill_dir) if spill_dir is not None else None
         self._dir: Path | None = None
         self._stores: dict[str, SpillingRows] = {}

@@ -631,9 +631,11 @@ def estimate_ids(
     :mod:`vlprune.plugins.id_storage`). Each module's rows are then read back one module at a
     time, bit for bit what an all-in-RAM capture holds, so the estimate does not depend on the
     budget. The default budget is half the memory available when the call starts
-    (``MemAvailable``; 2 GB where that is unknown). Real SmolLM2-135M (210 linears, 40 MB of
-    flatten rows per sample) over 256 samples x 64 tokens: see docs/benchmarks.md (scale section)
-    for the measured cost against one plain forward pass.
+    (``MemAvailable``; 2 GB where that is unknown), and rows also go to disk once the available
+    memory falls below a quarter of its starting value (other processes growing meanwhile).
+    Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample) over 256 samples x 64
+    tokens: see docs/benchmarks.md (scale section) for the measured cost against one plain
+    forward pass.
 
     The estimate is exact for the chosen representation: every stored row enters the
     nearest-neighbour search. ``sketch_dim`` trades that for memory: each batch's rows are
@@ -696,7 +698,7 @@ def estimate_ids(
     budget_mb = default_budget_mb() if max_memory_mb is None else float(max_memory_mb)
     layers: dict[str, LayerID] = {}
     seen: dict[str, int] = {}
-    with RowStore(int(budget_mb * 2**20), spill_dir) as store:
+    with RowStore(int(budget_mb * 2**20), spill_dir, watch_available=max_memory_mb is None) as store:
         reducers = {
             n: store.reducer(
                 n, representation, n_samples, storage_dtype,
