@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                         + " | ".join(f"{short[r]} peak MB" for r in TWONN_ROUTES)
                         + " | ID vlprune | rel. diff vs skdim (linear, mle) | vs prev. | f32 cdist vs skdim |\n"
                     )
-                    w("|" + "---|" * (7 + 2 * len(TWONN_ROUTES)) + "\n")
+                    w("|" + "---|" * (7 + 2 * len(TWONN_ROUTES) + 2) + "\n")
                 mem = {wh: _run(_twonn_mem_job, wh, path, threads) for wh in TWONN_ROUTES}
                 os.remove(path)
                 t, ids = timing["times"], timing["ids"]
