@@ -29,7 +29,8 @@ Training objectives (gradient steps that PLATON and Taylor need; AdamW, warm-up 
   (seed ``seed + 1``); evaluation: :func:`vlprune.testbed.real_tasks.dinov2_knn` (MNIST, 300 train /
   200 test from the test pool, k = 5, CLS, 112 px) k-NN and linear-probe accuracy.
   **By default the learning rate is 0**: the steps feed PLATON's and Taylor's sensitivities and the
-  pruning schedule, but the weights are not updated (no recovery). Measured here: AdamW on this
+  pruning schedule, but the weights are not updated (no recovery; :func:`gradient_steps`: only
+  the MLP weights get gradients, the same gradients ``train_loop(lr=0)`` would give them). Measured here: AdamW on this
   objective with batches of 8 to 16 moves the unpruned DINOv2 away from itself (normalised loss
   0.015 -> 0.04 in 8 steps at lr 1e-6, -> 1.9 at 1e-5, -> 23 at 5e-5): at the unpruned model the
   gradient is tiny and Adam's per-coordinate normalisation turns it into full-size noisy steps,
@@ -195,6 +196,31 @@ def make_importance(criterion: str, ids: dict[str, float], delta_t: int) -> Any:
     return IDWeightedImportance(base, ids) if criterion.startswith("id_") else base
 
 
+def gradient_steps(model: torch.nn.Module, batches: Any, steps: int, loss_fn: Any, callbacks: list[Any]) -> dict[str, Any]:
+    """``steps`` backward passes that feed the pruning callbacks, without weight updates (learning
+    rate 0). What :func:`vlprune.recipes.finetune.train_loop` does at ``lr=0`` (the callbacks see the
+    same gradients), without the optimizer: only the MLP weights, the ones the criteria read, get
+    gradients, so the other parameters' gradients (and AdamW's no-op update) are not computed."""
+    from vlprune.adapters.hf.families import describe
+
+    modules = dict(model.named_modules())
+    mlp = {id(p) for m in describe(model).mlps for path in (m.up, m.gate, m.down) if path for p in modules[path].parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in mlp)
+    log: dict[str, Any] = {"loss": []}
+    model.train()
+    for step in range(steps):
+        loss = loss_fn(model, batches(step))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for callback in callbacks:
+            callback.after_backward(step, model)
+        log["loss"].append([step, round(float(loss.detach()), 5)])
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return log
+
+
 def run_one(s: dict[str, Any], criterion: str, sparsity: float, args: argparse.Namespace) -> dict[str, Any]:
     """Train ``--steps`` steps from the unpruned model, pruning ``sparsity`` of the MLP neurons with
     ``criterion`` on the cubic schedule (``criterion="none"``: dense reference); evaluate."""
@@ -221,6 +247,8 @@ def run_one(s: dict[str, Any], criterion: str, sparsity: float, args: argparse.N
         callbacks.append(StructuredPruning(pruner, prune_at, after_prune=lambda m: sync_hf_model(m, pruned="heads")))
     if criterion == "none" and args.lr == 0:
         log = {"loss": [[0, None]]}  # no weight updates and nothing pruned: the unpruned model
+    elif args.lr == 0:
+        log = gradient_steps(model, s["batches"], args.steps, s["loss_fn"], callbacks)
     else:
         log = train_loop(model, s["batches"], args.steps, lr=args.lr, warmup=args.warmup_steps, loss_fn=s["loss_fn"],
                          callbacks=callbacks, progress=args.progress)
