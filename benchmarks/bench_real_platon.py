@@ -82,6 +82,14 @@ def mlp_neurons(model: torch.nn.Module) -> int:
     return sum(modules[m.up].out_features for m in describe(model).mlps)
 
 
+def mlp_widths(model: torch.nn.Module) -> list[int]:
+    """MLP hidden width of every layer, in depth order."""
+    from vlprune.adapters.hf.families import describe
+
+    modules = dict(model.named_modules())
+    return [modules[m.up].out_features for m in describe(model).mlps]
+
+
 def _prefix(name: str) -> str:
     return "model." if name == "smollm2" else ""
 
@@ -256,7 +264,7 @@ def run_one(s: dict[str, Any], criterion: str, sparsity: float, args: argparse.N
     metrics = evaluate(s["name"], model, args)
     return {
         "model": s["name"], "criterion": criterion, "sparsity": sparsity, **metrics,
-        "neurons_removed": round(1 - mlp_neurons(model) / s["neurons"], 4),
+        "neurons_removed": round(1 - mlp_neurons(model) / s["neurons"], 4), "mlp_widths": mlp_widths(model),
         "params_ratio": round(sum(p.numel() for p in model.parameters()) / s["params"], 4),
         "first_loss": log["loss"][0][1], "final_loss": log["loss"][-1][1],
         "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - start, 1),

@@ -102,6 +102,7 @@ def test_dinov2_pruned_run_removes_the_asked_neurons_and_their_parameters(bench)
     assert abs(row["neurons_removed"] - 0.4) < 0.01
     # each MLP neuron owns a row of fc1 (384 weights + 1 bias) and a column of fc2 (384 weights)
     assert round(row["params_ratio"] * s["params"]) == pytest.approx(s["params"] - removed * 769, abs=s["params"] * 1e-4)
+    assert len(row["mlp_widths"]) == 12 and sum(row["mlp_widths"]) == s["neurons"] - removed
     assert 0.0 <= row["knn"] <= 1.0 and 0.0 <= row["linear_probe"] <= 1.0
     assert all(v.equal(s["model"].state_dict()[k]) for k, v in base.items())  # the unpruned model is untouched
 
@@ -129,5 +130,6 @@ def test_smollm2_pruned_run_removes_the_asked_neurons_and_their_parameters(bench
     assert abs(row["neurons_removed"] - 0.4) < 0.01
     # each MLP neuron owns a row of gate_proj and up_proj and a column of down_proj (576 each, no bias)
     assert round(row["params_ratio"] * s["params"]) == pytest.approx(s["params"] - removed * 3 * 576, abs=s["params"] * 1e-4)
+    assert len(row["mlp_widths"]) == 30 and sum(row["mlp_widths"]) == s["neurons"] - removed
     assert all(math.isfinite(row[d]) and row[d] > 1.0 for d in ("math", "general"))
     assert platon.mlp_neurons(s["model"]) == 30 * 1536  # the unpruned model is untouched
