@@ -32,7 +32,8 @@ Criteria (all through vlprune's public functions, at their defaults unless state
 * ``taylor_idw_step``: gradients of a label-free loss over the batches (AMP's entropy objective on the
   pooled image embedding; LLaVA: the LM loss on the text tokens), then one Torch-Pruning step with
   ``IDWeightedImportance(GroupTaylorImportance(), profile)`` through ``prune_hf_model`` (ratio 0.3);
-  the profile is the one ``id_profile`` measured (precomputed: not timed);
+  the profile is the one ``id_profile`` measured (precomputed: not timed; where that row is not
+  measured in the same run, a ``representation="mean"`` profile of the same modules, also untimed);
 * ``amp_importance``: ``vlprune.plugins.amp.neuron_importance`` (forward + backward per batch);
 * ``amp_width_search``: ``vlprune.plugins.amp.search_widths`` over ``--search-mlps`` (default 4)
   evenly spaced vision MLPs with ``halvings=--halvings`` (default 1), on seeded random neuron scores
@@ -246,12 +247,16 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.
 
 
 def _profile(model: nn.Module, batches: list[Any], profile_path: str | None) -> Any:
+    """The precomputed ID profile of a Torch-Pruning step: the one ``id_profile`` wrote for these
+    samples, else (not timed) a ``representation="mean"`` profile of the same modules (a cheap
+    distance step; the step's cost does not depend on the ID values)."""
     import vlprune
     from vlprune.plugins.intrinsic_dim import IDProfile
 
     if profile_path and Path(profile_path).is_file():
         return IDProfile.from_json(profile_path)
-    return vlprune.estimate_ids(model, batches, n_samples=sum(_batch_size(b) for b in batches), progress=False)
+    n = sum(_batch_size(b) for b in batches)
+    return vlprune.estimate_ids(model, batches, n_samples=n, representation="mean", progress=False)
 
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
