@@ -118,10 +118,11 @@ def scene_retrieval_set(
         >>> rs.gallery[rs.match[0]].caption() == rs.queries[0].caption()
         True
     """
-    if not isinstance(n_queries, int) or n_queries < 1:
+    if not isinstance(n_queries, (int, np.integer)) or isinstance(n_queries, bool) or n_queries < 1:
         raise VLPruneError(f"n_queries must be an int >= 1, got {n_queries!r}")
-    if not isinstance(n_distractors, int) or n_distractors < 0:
+    if not isinstance(n_distractors, (int, np.integer)) or isinstance(n_distractors, bool) or n_distractors < 0:
         raise VLPruneError(f"n_distractors must be an int >= 0, got {n_distractors!r}")
+    n_queries, n_distractors = int(n_queries), int(n_distractors)
     if n_queries + n_distractors > N_LAYOUTS:
         raise VLPruneError(f"n_queries + n_distractors must be <= {N_LAYOUTS} (distinct layouts), got {n_queries + n_distractors}")
     if split not in SPLITS:
