@@ -30,8 +30,8 @@ Training objectives (gradient steps that PLATON and Taylor need; AdamW, warm-up 
   200 test from the test pool, k = 5, CLS, 112 px) k-NN and linear-probe accuracy.
   **By default the learning rate is 0**: the steps feed PLATON's and Taylor's sensitivities and the
   pruning schedule, but the weights are not updated (no recovery; :func:`gradient_steps`: only
-  the MLP weights get gradients, the same gradients ``train_loop(lr=0)`` would give them). Measured here: AdamW on this
-  objective with batches of 8 to 16 moves the unpruned DINOv2 away from itself (normalised loss
+  the MLP weights get gradients, the same gradients ``train_loop(lr=0)`` would give them).
+  Measured here: AdamW on this objective with batches of 8 to 16 moves the unpruned DINOv2 away from itself (normalised loss
   0.015 -> 0.04 in 8 steps at lr 1e-6, -> 1.9 at 1e-5, -> 23 at 5e-5): at the unpruned model the
   gradient is tiny and Adam's per-coordinate normalisation turns it into full-size noisy steps,
   which DINOv2's large layer scales (up to 11) amplify.
@@ -47,8 +47,11 @@ IDs for ``id_platon``: TwoNN on flattened outputs of the MLP linears
 output, default ``docs/benchmarks_real_id_profile.json`` when it has them) or estimated here on
 ``--id-samples`` samples.
 
-    .venv/bin/python benchmarks/bench_real_platon.py                  # both models, 40% and 60% (about 35 min here)
-    .venv/bin/python benchmarks/bench_real_platon.py --quick          # 2 criteria, 60%, few steps, small eval
+    .venv/bin/python benchmarks/bench_real_platon.py                  # both models, 40% and 60%
+    .venv/bin/python benchmarks/bench_real_platon.py --models smollm2 --ids-json '' --out s.json   # one model
+    .venv/bin/python benchmarks/bench_real_platon.py --quick          # 2 criteria, 60%, 8 steps, small eval
+    .venv/bin/python benchmarks/bench_real_platon.py --models smollm2 --one-shot-widths 0.4 --steps 4 \
+        --criteria platon id_platon magnitude taylor --out w.json    # where each criterion cuts (diagnostic)
 """
 
 from __future__ import annotations
@@ -271,6 +274,38 @@ def run_one(s: dict[str, Any], criterion: str, sparsity: float, args: argparse.N
     }
 
 
+def one_shot_widths(s: dict[str, Any], criteria: list[str], sparsity: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Where each criterion cuts: every layer's MLP width after one global Torch-Pruning step to
+    ``sparsity`` on the unpruned model, after ``args.steps`` backward passes without weight updates
+    (the gradients PLATON accumulates and Taylor reads). A diagnostic of the ranking alone: no
+    cubic schedule, no training, no evaluation."""
+    import torch_pruning as tp
+
+    from vlprune.adapters.torch_pruning import PlatonImportance, hf_pruner_kwargs
+
+    out: dict[str, Any] = {"sparsity": sparsity, "steps": args.steps}
+    for criterion in criteria:
+        model = copy.deepcopy(s["model"])
+        imp = make_importance(criterion, s["ids"], args.delta_t)
+        platon = imp if isinstance(imp, PlatonImportance) else getattr(imp, "base", None)
+        callbacks = [type("U", (), {"after_backward": staticmethod(lambda step, m: platon.update(m))})()] if isinstance(
+            platon, PlatonImportance) else []
+        if callbacks:
+            gradient_steps(model, s["batches"], args.steps, s["loss_fn"], callbacks)
+        if criterion.removeprefix("id_") == "taylor":  # Taylor reads the last batch's gradient
+            s["loss_fn"](model, s["batches"](args.steps - 1)).backward()
+        pruner = tp.pruner.BasePruner(model, s["example"], importance=imp, pruning_ratio=sparsity, global_pruning=True,
+                                      **hf_pruner_kwargs(model, prune_heads=False))
+        if isinstance(platon, PlatonImportance):
+            platon.step(pruner)
+        else:
+            pruner.step()
+        out[criterion] = mlp_widths(model)
+        sys.stdout.write(f"one-shot {criterion} @ {sparsity:g}: {out[criterion]}\n")
+        sys.stdout.flush()
+    return out
+
+
 # ------------------------------------------------------------------------------------- report
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per model and sparsity: the best criterion and ID-PLATON minus PLATON (positive = ID helps)."""
@@ -317,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ids-json", default=str(DOCS / "benchmarks_real_id_profile.json"))
     parser.add_argument("--id-samples", type=int, default=256)
     parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--one-shot-widths", type=float, default=None, metavar="SPARSITY",
+                        help="only the diagnostic: per-layer MLP widths after one global pruning step (no runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--progress", action="store_true")
@@ -343,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                           "trainable": s["trainable"], "setup_seconds": s["setup_seconds"],
                           "ids": {k: round(v, 3) for k, v in s["ids"].items()}}
         sys.stdout.write(f"{name}: set-up {s['setup_seconds']} s, IDs from {s['id_source']}\n")
+        if args.one_shot_widths is not None:
+            settings[name]["one_shot_widths"] = one_shot_widths(s, args.criteria, args.one_shot_widths, margs)
+            continue
         runs = ([] if args.no_dense else [("none", 0.0)]) + [(c, sp) for sp in args.sparsities for c in args.criteria]
         for criterion, sparsity in runs:
             rows.append(run_one(s, criterion, sparsity, margs))
