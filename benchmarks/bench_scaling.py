@@ -569,6 +569,16 @@ def _last_line(text: str) -> str:
 def table(report: dict[str, Any]) -> str:
     """The markdown section: the scaling table, the tp-step overhead table and the wall time."""
     lines = [
+        "### Scaling: data-driven criteria vs a plain forward (random weights, real shapes)",
+        "",
+        "`benchmarks/bench_scaling.py` (method in its docstring): each row is one child process forked from the "
+        "driver, which times a plain forward over the batches and then the criterion over the same batches; "
+        f"{report.get('dtype', 'bfloat16')}, {report.get('threads', '?')} threads per child. *x forward* = criterion "
+        "seconds / forward seconds of the same child; *peak MB* = the child's peak RSS during the criterion "
+        "(the high-water mark reset before it via /proc/self/clear_refs); *x forward memory* = that peak / the "
+        "forward's peak; *extra MB* = peak minus the RSS just before the criterion (the forward's in brackets). "
+        "The reading and the LLaVA-1.5-7B extrapolation: docs/scaling.md.",
+        "",
         "| criterion | model | samples | seconds | x forward | peak MB | x forward memory | extra MB (forward's) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -601,6 +611,14 @@ def table(report: dict[str, Any]) -> str:
                 f"{_fmt(row['importance_s'])} | {row['x_taylor_importance']:.3f} |"
             )
     wall = sum(report.get("wall_s_runs", [])) or report.get("wall_s", 0.0)
+    lines += ["", "Runs (rows carry the index of the run that measured them; the later runs re-measured or added rows with `--merge`):", ""]
+    for i, run in enumerate(report.get("runs", [])):
+        dirty = f", uncommitted src: {', '.join(run['uncommitted_src'])}" if run.get("uncommitted_src") else ""
+        lines.append(
+            f"{i}. {run.get('started', '?')}, git {run.get('git', '?')}{dirty}: `.venv/bin/python benchmarks/bench_scaling.py "
+            f"{' '.join(run.get('argv', []))}` ({run.get('wall_s', 0):.0f} s, load average at start "
+            f"{(run.get('load_average_at_start') or [0])[0]:.1f})"
+        )
     lines += ["", f"Total wall time of the measurement runs: {wall:.0f} s ({wall / 60:.1f} min)."]
     return "\n".join(lines) + "\n"
 
@@ -614,9 +632,9 @@ def _merge(old: list[dict[str, Any]], new: dict[str, Any], keys: tuple[str, ...]
     old.append(new)
 
 
-def _git_head() -> str:
+def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=str(ROOT), check=False).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=str(ROOT), check=False).stdout.strip()
     except OSError:
         return "?"
 
@@ -639,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run; writes nothing unless --out)")
     parser.add_argument("--models", nargs="*", default=None, help="subset of the models")
     parser.add_argument("--criteria", nargs="*", default=None, help="subset of the criteria (tp_step: the step comparison)")
+    parser.add_argument("--samples", nargs="*", type=int, default=None, help="only these sample counts")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=2, help="torch threads per child")
     parser.add_argument("--halvings", type=int, default=1, help="AMP width-search halvings")
@@ -680,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.merge and out is not None and out.is_file():
         report = json.loads(out.read_text())
-    run_info = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git": _git_head(), "argv": sys.argv[1:],
+    run_info = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git": _git("rev-parse", "--short", "HEAD"),
+                "uncommitted_src": _git("diff", "--name-only", "HEAD", "--", "src").split(), "argv": sys.argv[1:],
                 "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                 "cores": os.cpu_count(), "load_average_at_start": os.getloadavg()}
     report["runs"].append(run_info)
@@ -696,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for name in names:
         spec = models[name]
-        todo = jobs_for(name, spec, samples, args.criteria)
+        todo = [(c, n) for c, n in jobs_for(name, spec, samples, args.criteria) if not args.samples or n in args.samples]
         step = spec["kind"] == "vision" and (not args.criteria or "tp_step" in args.criteria)
         if not todo and not step:
             continue
