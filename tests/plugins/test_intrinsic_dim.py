@@ -380,3 +380,101 @@ def test_duplicates_found_by_the_search_match_drop_duplicate_rows() -> None:
     distinct = drop_duplicate_rows(x)
     assert distinct.shape[0] == 300 and torch.equal(distinct, x[np.sort(np.unique(x.numpy(), axis=0, return_index=True)[1])])
     assert twonn(x) == twonn(distinct)
+
+
+# ---------------------------------------------------------------------------------------------
+# few wide rows (the `flatten` representation): the float64 Gram path of _neighbours
+# ---------------------------------------------------------------------------------------------
+
+
+def _wide_data(n: int, dim: int, seed: int) -> np.ndarray:
+    """Low rank + noise + a large common offset, with exact duplicate rows at the end."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)) @ rng.normal(size=(6, dim)) + 0.05 * rng.normal(size=(n, dim))
+    x += 1e3 * rng.uniform(0.5, 1.0, dim)
+    return np.concatenate([x, x[:3], x[5:6]])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gram_path_is_exact_on_wide_data_with_offset_and_duplicates(dtype: type) -> None:
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances, uses_gram_path
+
+    x = _wide_data(48, 12_000, 30).astype(dtype)
+    x64 = x.astype(np.float64)
+    assert uses_gram_path(*x.shape)
+    stats = NeighbourStats()
+    got = knn_distances(torch.tensor(x), 2, stats=stats)
+    assert stats.path == "gram" and stats.search_dtype == torch.float64
+    exact = _exact_knn_reference(x64)
+    assert (exact[:, 0] == 0).sum() == 8 and torch.equal(got[:, 0] == 0, torch.tensor(exact[:, 0] == 0))  # copies: exactly 0
+    torch.testing.assert_close(got, torch.tensor(exact), rtol=1e-12, atol=0)
+    distinct = np.unique(x64, axis=0)
+    for method, discard in (("linear", 0.1), ("mle", 0.0)):
+        ours = twonn(torch.tensor(x), discard, method)
+        assert ours == pytest.approx(_exact_twonn_reference(x64, discard, method), rel=1e-9)
+        assert ours == pytest.approx(_skdim(distinct - distinct.mean(0), discard, method), rel=1e-6), method
+
+
+def test_gram_path_rechecks_margins_within_the_float64_bound() -> None:
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances
+
+    # 12 clusters of 4 points (neighbours at 1e-6, 1.2e-6, 1.25e-6) around orthonormal centres of
+    # norm ~1: the Gram's squared-distance error (~c (n_i + n_j)^2 ~ 2e-12) exceeds the squared
+    # distances themselves, so the order inside a cluster is only decided by the exact recomputation
+    rng = np.random.default_rng(31)
+    dim = 5000
+    frame = np.linalg.qr(rng.normal(size=(dim, 48)))[0].T
+    points = []
+    for c in range(12):
+        centre, dirs = frame[c], frame[12 + 3 * c : 15 + 3 * c]
+        points += [centre, centre + 1e-6 * dirs[0], centre + 1.2e-6 * dirs[1], centre + 1.25e-6 * dirs[2]]
+    x = np.asarray(points) + 50.0
+    stats = NeighbourStats()
+    got = knn_distances(torch.tensor(x), 2, stats=stats)
+    assert stats.path == "gram" and stats.rechecked == len(x) and stats.recheck_pairs == 12 * 6
+    exact = _exact_knn_reference(x)
+    torch.testing.assert_close(got, torch.tensor(exact), rtol=1e-12, atol=0)
+    assert exact[0::4, 1] == pytest.approx(1.2e-6, rel=1e-6)  # the centres' 2nd neighbour: 1.2e-6, not 1.25e-6
+
+
+def test_path_selection_on_both_sides_of_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlprune.plugins import _neighbours
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances, uses_gram_path
+
+    # the issue-16 part-1 sizes stay on the float32 search; the flatten shapes of real layers do not
+    assert not uses_gram_path(2000, 768) and not uses_gram_path(5000, 3072)
+    assert uses_gram_path(8, 600_000) and uses_gram_path(64, 100_000) and uses_gram_path(256, 600_000)
+    assert not uses_gram_path(_neighbours.GRAM_MAX_ROWS + 1, 10**6)
+    dim = 2048
+    edge = max(n for n in range(3, 400) if uses_gram_path(n, dim))
+    assert all(uses_gram_path(n, dim) for n in range(3, edge + 1)) and not uses_gram_path(edge + 1, dim)
+    rng = np.random.default_rng(32)
+    data = rng.normal(size=(edge + 1, 8)) @ rng.normal(size=(8, dim)) + 0.1 * rng.normal(size=(edge + 1, dim)) + 300.0
+    for rows, path in ((edge, "gram"), (edge + 1, "search")):
+        x = torch.tensor(data[:rows], dtype=torch.float32)
+        stats = NeighbourStats()
+        got = knn_distances(x, 2, stats=stats)
+        assert stats.path == path
+        torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(x.double().numpy())), rtol=1e-12, atol=0)
+        # the other path on the same rows gives the same distances
+        monkeypatch.setattr(_neighbours, "uses_gram_path", lambda *a, _p=path, **k: _p == "search")
+        other = NeighbourStats()
+        torch.testing.assert_close(knn_distances(x, 2, stats=other), got, rtol=1e-12, atol=0)
+        assert other.path != path
+        monkeypatch.undo()
+
+
+def test_gram_path_rejects_nan_and_budgets_less_than_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlprune.plugins import _neighbours
+    from vlprune.plugins._neighbours import working_bytes
+
+    x = torch.tensor(_wide_data(20, 30_000, 33), dtype=torch.float32)
+    x[3, 777] = float("nan")
+    with pytest.raises(DataError, match="NaN"):
+        nearest_neighbour_distances(x)
+    # no copy of the data on the Gram path: float64 column blocks only, under the search's two copies
+    gram = [working_bytes(n, 600_000) for n in (8, 256)]
+    assert gram[1] < 256 * 600_000 * 4 / 4
+    monkeypatch.setattr(_neighbours, "uses_gram_path", lambda *a, **k: False)
+    search = [working_bytes(n, 600_000) for n in (8, 256)]
+    assert gram[0] < search[0] and gram[1] < search[1] / 8 and search[1] > 2 * 256 * 600_000 * 4

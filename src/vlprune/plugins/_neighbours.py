@@ -26,6 +26,14 @@ candidates) is certified; otherwise every row ``j`` with ``-2 z_ij - c (n_i + n_
 distance is recomputed exactly. When ``c`` is too large for the bound to say anything (``D``
 near a million in float32, or a reduced-precision mode), the search runs in float64.
 
+Few, wide rows (the ``flatten`` representation: N = 8..512, D = 12k..600k) take another path,
+chosen by cost (:func:`uses_gram_path`): the float64 Gram matrix of the centred rows, accumulated
+over large column blocks (``N^2 D`` float64 work, no copy of the data), gives every squared
+distance up to ``c (n_i + n_j)^2`` with the float64 ``c`` (7e-11 at D = 600k); the exact distance
+of every pair that this bound cannot exclude from a row's ``k`` nearest (usually just the ``k``
+candidates) is computed from direct float64 differences in a second pass over column blocks.
+Same contract: the float64 distances to the true ``k`` nearest rows, exact duplicates at 0.
+
 Example:
     >>> import torch
     >>> from vlprune.plugins._neighbours import knn_distances
@@ -43,7 +51,7 @@ import torch
 
 from vlprune.errors import DataError
 
-__all__ = ["NeighbourStats", "knn_distances", "centred_copy", "working_bytes"]
+__all__ = ["NeighbourStats", "knn_distances", "centred_copy", "working_bytes", "uses_gram_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,22 @@ BLOCK_ELEMENTS = 1024 * 1024
 EXACT_ELEMENTS = 24 * 1024
 #: above this error constant the float32 bound cannot certify anything useful: search in float64
 _MAX_C = 0.01
+#: float64 values of one column block of the Gram path (8 MB; 64x on a GPU)
+WIDE_ELEMENTS = 1024 * 1024
+#: most rows for the Gram path (its few N x N float64 matrices stay under 40 MB each)
+GRAM_MAX_ROWS = 2048
+#: at most this many rows: pair differences of the Gram path as one (+1/-1) product, not gathers
+SIGNED_SUM_ROWS = 64
+#: per-value cost of the search path's passes (augmented copies, float64 recomputation), in
+#: float32 GEMM multiply-adds, plus ``D / SEARCH_DIM_SCALE`` (its float32 bound widens with ``D``,
+#: so more margins are re-checked); fitted to side-by-side timings, see :func:`uses_gram_path`
+SEARCH_PASS_COST = 100.0
+SEARCH_DIM_SCALE = 288.0
+#: per-value cost of the Gram path's two float64 column-block passes, same unit
+GRAM_PASS_COST = 20.0
+#: pairs whose exact distances the Gram path computes per pass over the data (bounds memory when
+#: many margins are ambiguous, e.g. many copies of one row)
+GRAM_PAIR_CHUNK = 4096
 
 
 @dataclass
@@ -68,7 +92,10 @@ class NeighbourStats:
         search_dtype: dtype of the candidate GEMM.
         error_constant: ``c`` of the bound ``c (n_i + n_j)^2`` on the squared-distance error.
         rechecked: points whose float32 margin was ambiguous and that were searched again.
-        recheck_pairs: exact distances computed for those points.
+        recheck_pairs: exact distances computed for those points (on the ``"gram"`` path: every
+            exact distance computed, the ``k`` per point included).
+        path: ``"search"`` (float32 or float64 GEMM search by row blocks) or ``"gram"`` (few wide
+            rows: float64 Gram matrix over column blocks, see :func:`uses_gram_path`).
     """
 
     rows: int = 0
@@ -76,6 +103,7 @@ class NeighbourStats:
     error_constant: float = 0.0
     rechecked: int = 0
     recheck_pairs: int = 0
+    path: str = "search"
 
 
 _PRECISION_UNIT = {"ieee": 0.0, "none": 0.0, "highest": 0.0, "tf32": 2.0**-11, "high": 2.0**-11, "bf16": 2.0**-8, "medium": 2.0**-8}
@@ -153,11 +181,11 @@ def _exact_distances(x: torch.Tensor, rows: torch.Tensor | slice, cols: torch.Te
 
     ``rows`` is a slice (a contiguous run of rows) or an index tensor. On CPU, ``index_select``
     and sub-grain blocks keep every step free of thread-pool barriers (many small steps); on a
-    GPU the blocks are 64x larger (fewer kernel launches)."""
+    GPU the blocks are 64x larger (fewer kernel launches). When one row's slab is already above
+    the grain (wide rows), a block holds about ``BLOCK_ELEMENTS`` values (many rows per call)."""
     count, width = cols.shape
     out = torch.empty(count, width, dtype=torch.float64, device=x.device)
-    limit = EXACT_ELEMENTS if x.device.type == "cpu" else 64 * EXACT_ELEMENTS
-    per_block = max(1, limit // max(1, width * x.shape[1]))
+    per_block = max(1, _exact_limit(width * x.shape[1], x.device) // max(1, width * x.shape[1]))
     for a in range(0, count, per_block):
         b = min(count, a + per_block)
         diff = x.index_select(0, cols[a:b].reshape(-1)).to(torch.float64).view(b - a, width, -1)
@@ -170,13 +198,23 @@ def _exact_distances(x: torch.Tensor, rows: torch.Tensor | slice, cols: torch.Te
     return out
 
 
-def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str = "cpu") -> int:
-    """Memory :func:`knn_distances` needs beyond its input (float32 search), for budgeting.
+def _exact_limit(slab: int, device: torch.device | str) -> int:
+    """Values per float64 temporary of :func:`_exact_distances` for a per-row slab of ``slab``."""
+    limit = EXACT_ELEMENTS if slab <= EXACT_ELEMENTS else BLOCK_ELEMENTS
+    return limit if torch.device(device).type == "cpu" else 64 * limit
 
-    The tensors: the two augmented centred copies (``2 N (D + 2)`` float32), the product block
-    (under 16 MB), the float64 re-check rows (~6.5 MB) and small per-row arrays; plus 25% and
-    8 MB for BLAS packing buffers and allocator slack (measured: 176 MB of peak RSS growth at
-    N=5000, D=3072 against 141 MB of tensors; 19 MB at N=2000, D=768 against 22 MB).
+
+def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str = "cpu") -> int:
+    """Memory :func:`knn_distances` needs beyond its input, for budgeting (the path it takes).
+
+    Search path: the two augmented centred copies (``2 N (D + 2)`` float32), the product block
+    (under 16 MB), the float64 re-check rows (~6.5 MB), the float64 difference blocks (at least
+    one row's ``(k + 1) D`` values) and small per-row arrays. Gram path (few wide rows, see
+    :func:`uses_gram_path`): no copy of the data, only float64 column blocks of about
+    ``WIDE_ELEMENTS`` values (the data block, its pair differences), a few ``N x N`` float64
+    matrices and the pair list. Both plus 25% and 8 MB for BLAS packing buffers and allocator
+    slack (measured: 176 MB of peak RSS growth at N=5000, D=3072 against 141 MB of tensors;
+    19 MB at N=2000, D=768 against 22 MB).
 
     Args:
         n: rows.
@@ -192,13 +230,23 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
         >>> round(working_bytes(5000, 3072) / 2**20)
         184
     """
+    scale = 1 if torch.device(device).type == "cpu" else 64
+    if uses_gram_path(n, dim, device):
+        pairs = min(n * (n - 1) // 2, GRAM_PAIR_CHUNK)
+        rows = max(n, pairs)
+        column = 8 * min(n * dim, max(n * 64, WIDE_ELEMENTS * scale))  # one float64 column block
+        diffs = 2 * 8 * min(rows * dim, max(rows * 64, WIDE_ELEMENTS * scale))  # pair differences
+        signs = 8 * pairs * n if n <= SIGNED_SUM_ROWS else 0
+        square = 7 * 8 * n * n  # Gram / d2, slack, upper, masks, exact distances, pair indices
+        return int(1.25 * (column + diffs + signs + square)) + 8 * 2**20
     copies = 2 * n * (dim + 2) * 4
     blocks = 6 if threads == 1 else 3
     rows = max(1, min(n, max(MIN_ROWS, -(-n // blocks)), max(1, 4 * BLOCK_ELEMENTS // n)))
     block = rows * n * 4 + 2 * rows * (k + 1) * 12  # the product block and its two top-k results
     recheck = 13 * (BLOCK_ELEMENTS // 2) + 13 * n  # float32 z, float64 bound, bool mask rows
     per_row = n * (4 * 8 + (k + 1) * 12 + k * 8)  # norms, running best, exact distances
-    exact = 3 * 8 * EXACT_ELEMENTS * (1 if device == "cpu" else 64)  # float64 difference blocks
+    slab = (k + 1) * dim  # float64 difference blocks: at least one row's candidates
+    exact = 3 * 8 * max(slab, _exact_limit(slab, device))
     return int(1.25 * (copies + block + recheck + per_row + exact)) + 8 * 2**20
 
 
@@ -223,7 +271,9 @@ def knn_distances(
     only: the matrix is symmetric, so each block serves its rows (top-k along rows) and its
     columns (top-k along columns), 58% to 67% of a plain ``cdist``'s GEMM, with three
     thread-pool regions per block. A running top-``(k+1)`` per row is kept; then ``k``
-    distances per row are recomputed in float64 and ambiguous rows re-checked.
+    distances per row are recomputed in float64 and ambiguous rows re-checked. Few wide rows
+    (:func:`uses_gram_path`) use a float64 Gram matrix over column blocks instead (see
+    :func:`_gram_knn`); ``chunk_size`` does not apply there.
 
     Args:
         x: (N, D) float tensor (any float dtype, any device), N >= k + 1. Not modified.
@@ -245,6 +295,8 @@ def knn_distances(
     """
     n, dim = x.shape
     stats = stats if stats is not None else NeighbourStats()
+    if uses_gram_path(n, dim, x.device):
+        return _gram_knn(x, k, stats)
     search = torch.float32
     const = _error_constant(dim + 2, search, x.device)
     if const > _MAX_C:
@@ -339,3 +391,130 @@ def _recheck(
         stats.rechecked += idx.numel()
         stats.recheck_pairs += int(valid.sum())
     return out
+
+
+def uses_gram_path(n: int, dim: int, device: str | torch.device = "cpu") -> bool:
+    """Whether :func:`knn_distances` takes the float64 Gram path (few, wide rows).
+
+    The costs, in units of one float32 multiply-add inside a GEMM: the row-block search costs
+    ``0.6 N^2 D`` (``1.2 N^2 D`` when the float32 bound is useless and it searches in float64)
+    plus about ``SEARCH_PASS_COST`` per value for its two augmented copies and the float64
+    recomputation of ``k`` distances per row; the Gram path costs ``2 N^2 D`` (a full float64
+    product, twice the price of float32) plus ``GRAM_PASS_COST`` per value for its two passes
+    over the data in float64 column blocks. The search's per-value cost grows like
+    ``D / SEARCH_DIM_SCALE`` (its float32 bound widens with ``D``: more re-checked rows). Fitted
+    to side-by-side timings on 2 CPU cores (docs: twonn_speed): the crossover is near ``N = 60``
+    at ``D = 768``, ``N = 150`` at ``D = 37k``, ``N = 300`` at ``D = 100k``, and the Gram path is
+    taken whenever the search would run in float64 anyway (``D`` above ~170k). ``N`` is capped
+    at ``GRAM_MAX_ROWS`` (its ``N x N`` float64 matrices stay under 40 MB each).
+
+    Args:
+        n: rows.
+        dim: values per row.
+        device: where the data are.
+
+    Returns:
+        True for the Gram path.
+
+    Example:
+        >>> uses_gram_path(8, 600_000), uses_gram_path(5000, 3072)
+        (True, False)
+    """
+    if n > GRAM_MAX_ROWS:
+        return False
+    device = torch.device(device)
+    search_gemm = 0.6 if _error_constant(dim + 2, torch.float32, device) <= _MAX_C else 1.2
+    search = (search_gemm * n + SEARCH_PASS_COST + dim / SEARCH_DIM_SCALE) * n * dim
+    gram = (2.0 * n + GRAM_PASS_COST) * n * dim
+    return gram <= search
+
+
+def _column_width(n: int, device: torch.device, elements: int = 0) -> int:
+    """Columns per block of the Gram path: the (rows x columns) float64 block near
+    ``WIDE_ELEMENTS`` values (64x that on a GPU), at least 64 columns."""
+    limit = elements or (WIDE_ELEMENTS if device.type == "cpu" else 64 * WIDE_ELEMENTS)
+    return max(64, limit // max(1, n))
+
+
+def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
+    """The ``k`` nearest distances of few wide rows: float64 Gram search, direct exact distances.
+
+    Pass 1 converts ``x`` to float64 one column block at a time (one ``copy_`` into a reused
+    buffer per block), subtracts each column's mean within the block and accumulates the Gram
+    matrix ``G = Y Y^T`` of the centred rows ``Y``; ``d2_ij = G_ii + G_jj - 2 G_ij``. With
+    ``n_i = sqrt(G_ii)``, the float64 dot-product bound, the rounding of ``Y`` and of the few
+    operations on ``G`` give ``|d2_ij - |x_i - x_j|^2| <= c (n_i + n_j)^2`` with ``c`` of
+    :func:`_error_constant` for float64 (``c ~ D 1.1e-16``: 7e-11 at ``D = 600k``). Row ``j``
+    can be among the ``k`` nearest of ``i`` only if its lower bound ``d2_ij - c (n_i + n_j)^2``
+    is at most ``U_i``, the ``k``-th smallest upper bound ``d2_ij + c (n_i + n_j)^2`` of row
+    ``i`` (``k`` rows are at most that far). Pass 2 computes the exact distance of every such
+    pair (usually ``k`` per row; more only where a margin is within the float64 bound, which is
+    the re-check) from direct float64 differences of the original rows, accumulated over column
+    blocks; each row keeps its ``k`` smallest. Exact duplicates come out as exactly 0."""
+    n, dim = x.shape
+    device = x.device
+    const = _error_constant(dim, torch.float64, device)
+    stats.rows, stats.search_dtype, stats.error_constant, stats.path = n, torch.float64, const, "gram"
+    width = min(dim, _column_width(n, device))
+    flat = torch.empty(n * width, dtype=torch.float64, device=device)
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    average = torch.full((1, n), 1.0 / n, dtype=torch.float64, device=device)
+    for c0 in range(0, dim, width):
+        block = flat[: n * min(width, dim - c0)].view(n, -1)
+        block.copy_(x[:, c0 : c0 + block.shape[1]])
+        block.sub_(average @ block)  # the column means (a GEMV); any shift leaves distances unchanged
+        gram.addmm_(block, block.T)
+    if not bool(torch.isfinite(gram).all()):
+        if bool(torch.isfinite(x).all()):
+            raise DataError("the data are too large for float64 sums (|x| ~ 1e154); rescale them")
+        raise DataError("the data contain NaN or Inf values; the intrinsic dimension is undefined")
+    s = gram.diagonal().clone()
+    norms = s.clamp_min(0).sqrt()
+    d2 = gram.mul_(-2).add_(s[:, None]).add_(s[None, :])  # G is not needed any more
+    slack = torch.add(norms[:, None], norms[None, :]).square_().mul_(const)
+    upper = torch.add(d2, slack).fill_diagonal_(float("inf"))
+    bound = torch.kthvalue(upper, k, dim=1).values  # U_i
+    del upper
+    maybe = d2.sub_(slack).fill_diagonal_(float("inf")) <= bound[:, None]  # lower bound <= U_i
+    del d2, slack
+    stats.rechecked = int((maybe.sum(dim=1) > k).sum())
+    pairs = torch.triu(maybe | maybe.T, diagonal=1).nonzero()
+    first, second = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
+    count = first.numel()
+    stats.recheck_pairs = count
+    squares = torch.cat(
+        [_pair_squares(x, first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
+    )
+    exact = torch.full((n, n), float("inf"), dtype=torch.float64, device=device)
+    exact[first, second] = squares
+    exact[second, first] = squares
+    return torch.topk(exact, k, dim=1, largest=False, sorted=True).values.sqrt_()
+
+
+def _pair_squares(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """float64 ``|x_a - x_b|^2`` for the pairs ``(first[p], second[p])``: direct differences of
+    the original rows, one float64 column block of ``x`` at a time (about ``WIDE_ELEMENTS``
+    values per temporary), squares summed over the blocks.
+
+    With few rows the differences of a block come from one product ``S @ block`` with a
+    (pairs x rows) matrix ``S`` of +1 / -1 / 0 entries: every product is exact and every sum
+    but one adds an exact 0, so it equals ``fl(x_a - x_b)`` bit for bit, in one call (CPU
+    gathers of a few long rows are slow); with more rows, a gather and a subtraction."""
+    n, dim = x.shape
+    count = first.numel()
+    width = min(dim, _column_width(max(n, count), x.device))
+    flat = torch.empty(n * width, dtype=torch.float64, device=x.device)
+    total = torch.zeros(count, dtype=torch.float64, device=x.device)
+    signs = None
+    if n <= SIGNED_SUM_ROWS:
+        signs = torch.zeros(count, n, dtype=torch.float64, device=x.device)
+        here = torch.arange(count, device=x.device)
+        signs[here, first] = 1.0
+        signs[here, second] = -1.0
+    for c0 in range(0, dim, width):
+        cols = min(width, dim - c0)
+        block = flat[: n * cols].view(n, cols)
+        block.copy_(x[:, c0 : c0 + cols])
+        diff = signs @ block if signs is not None else block[first].sub_(block[second])
+        total.add_(torch.linalg.vecdot(diff, diff))
+    return total
