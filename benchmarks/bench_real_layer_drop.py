@@ -234,7 +234,7 @@ def regime_summary(rows: list[dict[str, Any]], dense: dict[str, float], m: int, 
 def table(result: dict[str, Any]) -> str:
     """Markdown tables: perplexity (and exact match) per ranking and budget."""
     rows = _scored(result["rows"])
-    rankings = [r for r in RANKINGS if any(x["ranking"] == r for x in rows)]
+    rankings = [r for r in (*RANKINGS, "regime") if any(x["ranking"] == r for x in rows)]
     ks = sorted({r["k"] for r in rows})
     by = {(r["ranking"], r["k"]): r for r in rows}
     keys = ["ppl_math", "ppl_general"] + (["em_arithmetic", "em_factual"] if result["exact_match"] else [])
@@ -266,7 +266,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if result["exact_match"]:
         keys += [("em_arithmetic", "arithmetic exact match"), ("em_factual", "factual exact match")]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(3.9 * (len(keys) + 1), 3.6))
-    rankings = [r for r in RANKINGS if any(x["ranking"] == r for x in rows)]
+    rankings = [r for r in (*RANKINGS, "regime") if any(x["ranking"] == r for x in rows)]
     by = {(r["ranking"], r["k"]): r for r in rows}
     for ax, (key, title) in zip(axes, keys):
         for name in rankings:
