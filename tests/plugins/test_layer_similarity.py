@@ -447,6 +447,17 @@ def test_select_regime() -> None:
     assert ls.select_layers(six, 2, "regime") == [1, 2] and ls.select_layers(six, 3, "regime") == ls.select_layers(six, 3, "spacing")
 
 
+def test_regime_warns_when_it_switches_to_spacing(caplog: pytest.LogCaptureFixture) -> None:
+    """Spacing collapsed on real SmolLM2 without a heal: the switch says so and names the fixes."""
+    six = torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.0])
+    with caplog.at_level(logging.WARNING, logger="vlprune.plugins.layer_selection"):
+        ls.select_layers(six, 2, "regime")
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="vlprune.plugins.layer_selection"):
+        ls.select_layers(six, 3, "regime")
+    assert any("chose 'spacing'" in r.message and "strategy='rank'" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

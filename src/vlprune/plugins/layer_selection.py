@@ -38,7 +38,10 @@ Strategy = Literal["rank", "spacing", "consecutive", "regime"]
 #: removable layers, docs/benchmarks.md): summed math + general retention favours ``rank`` at k = 1, 2
 #: (1.77 vs 1.73, 1.62 vs 1.54) and ``spacing`` from k = 3 (1.43 vs 1.39, 1.35 vs 1.29, 1.03 vs
 #: 0.89), so the switch sits at a third of the removable layers. One model and one seed: a
-#: parameter, not a law.
+#: parameter, not a law. On real SmolLM2-135M without a heal (``benchmarks/bench_real_layer_drop.py``,
+#: 28 removable layers) ``rank`` beat ``spacing`` at every budget from 2 to 14 (summed retention at
+#: k = 12: 0.37 vs 0.02), so above the switch ``select_layers`` logs a warning: heal after removal
+#: (the ``layer-drop`` recipe distils) or pass ``strategy="rank"``.
 DEFAULT_REGIME_SWITCH: float = 1 / 3
 
 
@@ -232,6 +235,13 @@ def select_layers(
         else:
             strategy = "spacing"
         logger.debug("regime: k=%d, switch=%d -> %s", k, switch, strategy)
+        if strategy == "spacing":
+            logger.warning(
+                "strategy='regime' chose 'spacing' for k=%d > switch=%d of %d removable layers: spacing won on the "
+                "testbed after a heal, but on real SmolLM2 without a heal 'rank' beat it at every budget "
+                "(docs/benchmarks.md); heal (distil) after removing the layers, or pass strategy='rank'",
+                k, switch, m,
+            )
     if strategy == "rank":
         picks = torch.sort(-region, stable=True).indices[:k].tolist()
     elif strategy == "consecutive":
