@@ -65,17 +65,15 @@ BLOCK_ELEMENTS = 1024 * 1024
 EXACT_ELEMENTS = 24 * 1024
 #: above this error constant the float32 bound cannot certify anything useful: search in float64
 _MAX_C = 0.01
-#: float64 values of one column block of the Gram path (8 MB; 64x on a GPU)
-WIDE_ELEMENTS = 1024 * 1024
+#: float64 values of one column block of the Gram path (32 MB; 64x on a GPU): one GEMM each
+WIDE_ELEMENTS = 4 * 1024 * 1024
 #: most rows for the Gram path (its few N x N float64 matrices stay under 40 MB each)
 GRAM_MAX_ROWS = 2048
-#: at most this many rows: pair differences of the Gram path as one (+1/-1) product, not gathers
-SIGNED_SUM_ROWS = 64
 #: per-value cost of the search path's passes (augmented copies, float64 recomputation), in
 #: float32 GEMM multiply-adds, plus ``D / SEARCH_DIM_SCALE`` (its float32 bound widens with ``D``,
 #: so more margins are re-checked); fitted to side-by-side timings, see :func:`uses_gram_path`
 SEARCH_PASS_COST = 100.0
-SEARCH_DIM_SCALE = 288.0
+SEARCH_DIM_SCALE = 36.0
 #: per-value cost of the Gram path's two float64 column-block passes, same unit
 GRAM_PASS_COST = 20.0
 #: pairs whose exact distances the Gram path computes per pass over the data (bounds memory when
@@ -210,8 +208,8 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
     Search path: the two augmented centred copies (``2 N (D + 2)`` float32), the product block
     (under 16 MB), the float64 re-check rows (~6.5 MB), the float64 difference blocks (at least
     one row's ``(k + 1) D`` values) and small per-row arrays. Gram path (few wide rows, see
-    :func:`uses_gram_path`): no copy of the data, only float64 column blocks of about
-    ``WIDE_ELEMENTS`` values (the data block, its pair differences), a few ``N x N`` float64
+    :func:`uses_gram_path`): no copy of the data, only one float64 column block of about
+    ``WIDE_ELEMENTS`` values, sub-grain steps of the pair differences, a few ``N x N`` float64
     matrices and the pair list. Both plus 25% and 8 MB for BLAS packing buffers and allocator
     slack (measured: 176 MB of peak RSS growth at N=5000, D=3072 against 141 MB of tensors;
     19 MB at N=2000, D=768 against 22 MB).
@@ -233,12 +231,10 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
     scale = 1 if torch.device(device).type == "cpu" else 64
     if uses_gram_path(n, dim, device):
         pairs = min(n * (n - 1) // 2, GRAM_PAIR_CHUNK)
-        rows = max(n, pairs)
         column = 8 * min(n * dim, max(n * 64, WIDE_ELEMENTS * scale))  # one float64 column block
-        diffs = 2 * 8 * min(rows * dim, max(rows * 64, WIDE_ELEMENTS * scale))  # pair differences
-        signs = 8 * pairs * n if n <= SIGNED_SUM_ROWS else 0
+        steps = 4 * 8 * max(n, pairs) * _sub_width(max(n, pairs), torch.device(device))  # pass-2 steps
         square = 7 * 8 * n * n  # Gram / d2, slack, upper, masks, exact distances, pair indices
-        return int(1.25 * (column + diffs + signs + square)) + 8 * 2**20
+        return int(1.25 * (column + steps + square + 3 * 8 * pairs)) + 8 * 2**20
     copies = 2 * n * (dim + 2) * 4
     blocks = 6 if threads == 1 else 3
     rows = max(1, min(n, max(MIN_ROWS, -(-n // blocks)), max(1, 4 * BLOCK_ELEMENTS // n)))
@@ -403,9 +399,10 @@ def uses_gram_path(n: int, dim: int, device: str | torch.device = "cpu") -> bool
     product, twice the price of float32) plus ``GRAM_PASS_COST`` per value for its two passes
     over the data in float64 column blocks. The search's per-value cost grows like
     ``D / SEARCH_DIM_SCALE`` (its float32 bound widens with ``D``: more re-checked rows). Fitted
-    to side-by-side timings on 2 CPU cores (docs: twonn_speed): the crossover is near ``N = 60``
-    at ``D = 768``, ``N = 150`` at ``D = 37k``, ``N = 300`` at ``D = 100k``, and the Gram path is
-    taken whenever the search would run in float64 anyway (``D`` above ~170k). ``N`` is capped
+    to side-by-side timings on 2 CPU cores (docs: twonn_speed): the crossover is near ``N = 70``
+    at ``D = 768``, ``N = 140`` at ``D = 4096``, ``N = 300`` at ``D = 12k``, ``N = 790`` at
+    ``D = 37k``; beyond ``D ~ 170k`` the search would run in float64 and the Gram path is taken up
+    to ``GRAM_MAX_ROWS``. ``N`` is capped
     at ``GRAM_MAX_ROWS`` (its ``N x N`` float64 matrices stay under 40 MB each).
 
     Args:
@@ -427,6 +424,14 @@ def uses_gram_path(n: int, dim: int, device: str | torch.device = "cpu") -> bool
     search = (search_gemm * n + SEARCH_PASS_COST + dim / SEARCH_DIM_SCALE) * n * dim
     gram = (2.0 * n + GRAM_PASS_COST) * n * dim
     return gram <= search
+
+
+def _sub_width(rows: int, device: torch.device) -> int:
+    """Columns per elementwise step of the Gram path: ``rows x columns`` under ``EXACT_ELEMENTS``
+    on CPU (below torch's parallel grain: such a step never waits on a thread-pool barrier,
+    which costs milliseconds on a shared machine), 64x that on a GPU; at least 8 columns."""
+    limit = EXACT_ELEMENTS if device.type == "cpu" else 64 * EXACT_ELEMENTS
+    return max(8, limit // max(1, rows))
 
 
 def _column_width(n: int, device: torch.device, elements: int = 0) -> int:
@@ -456,14 +461,16 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     const = _error_constant(dim, torch.float64, device)
     stats.rows, stats.search_dtype, stats.error_constant, stats.path = n, torch.float64, const, "gram"
     width = min(dim, _column_width(n, device))
+    step = _sub_width(n, device)
     flat = torch.empty(n * width, dtype=torch.float64, device=device)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    average = torch.full((1, n), 1.0 / n, dtype=torch.float64, device=device)
     for c0 in range(0, dim, width):
         block = flat[: n * min(width, dim - c0)].view(n, -1)
-        block.copy_(x[:, c0 : c0 + block.shape[1]])
-        block.sub_(average @ block)  # the column means (a GEMV); any shift leaves distances unchanged
-        gram.addmm_(block, block.T)
+        for s0 in range(0, block.shape[1], step):  # sub-grain steps: no thread-pool barrier
+            part = block[:, s0 : s0 + step]
+            part.copy_(x[:, c0 + s0 : c0 + s0 + part.shape[1]])
+            part.sub_(part.sum(dim=0) / n)  # column means; any shift leaves the distances unchanged
+        gram.addmm_(block, block.T)  # one GEMM per ~8 MB block
     if not bool(torch.isfinite(gram).all()):
         if bool(torch.isfinite(x).all()):
             raise DataError("the data are too large for float64 sums (|x| ~ 1e154); rescale them")
@@ -493,28 +500,18 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
 
 def _pair_squares(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """float64 ``|x_a - x_b|^2`` for the pairs ``(first[p], second[p])``: direct differences of
-    the original rows, one float64 column block of ``x`` at a time (about ``WIDE_ELEMENTS``
-    values per temporary), squares summed over the blocks.
-
-    With few rows the differences of a block come from one product ``S @ block`` with a
-    (pairs x rows) matrix ``S`` of +1 / -1 / 0 entries: every product is exact and every sum
-    but one adds an exact 0, so it equals ``fl(x_a - x_b)`` bit for bit, in one call (CPU
-    gathers of a few long rows are slow); with more rows, a gather and a subtraction."""
+    the original rows (each column of ``x`` converted to float64, exact), squares summed over
+    column steps of ``EXACT_ELEMENTS / max(N, pairs)`` columns on CPU (every call under torch's
+    parallel grain, so none waits on a thread-pool barrier; 64x larger on a GPU)."""
     n, dim = x.shape
     count = first.numel()
-    width = min(dim, _column_width(max(n, count), x.device))
-    flat = torch.empty(n * width, dtype=torch.float64, device=x.device)
+    step = min(dim, _sub_width(max(n, count), x.device))
+    flat = torch.empty(n * step, dtype=torch.float64, device=x.device)
     total = torch.zeros(count, dtype=torch.float64, device=x.device)
-    signs = None
-    if n <= SIGNED_SUM_ROWS:
-        signs = torch.zeros(count, n, dtype=torch.float64, device=x.device)
-        here = torch.arange(count, device=x.device)
-        signs[here, first] = 1.0
-        signs[here, second] = -1.0
-    for c0 in range(0, dim, width):
-        cols = min(width, dim - c0)
+    for c0 in range(0, dim, step):
+        cols = min(step, dim - c0)
         block = flat[: n * cols].view(n, cols)
         block.copy_(x[:, c0 : c0 + cols])
-        diff = signs @ block if signs is not None else block[first].sub_(block[second])
-        total.add_(torch.linalg.vecdot(diff, diff))
+        diff = block.index_select(0, first).sub_(block.index_select(0, second))
+        total.add_(diff.square_().sum(dim=1))
     return total
