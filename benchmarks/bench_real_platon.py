@@ -331,6 +331,41 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars per sparsity and criterion: DINOv2 k-NN accuracy, SmolLM2 perplexity (log scale,
+    math and general); the dense reference as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = [("dinov2-s", "knn", "k-NN accuracy (MNIST)", False), ("smollm2", "math", "math perplexity", True),
+              ("smollm2", "general", "general perplexity", True)]
+    panels = [x for x in panels if any(r["model"] == x[0] for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (model, metric, label, log) in zip(axes[0], panels):
+        mine = [r for r in rows if r["model"] == model]
+        criteria = [c for c in dict.fromkeys(r["criterion"] for r in mine) if c != "none"]
+        sparsities = sorted({r["sparsity"] for r in mine if r["criterion"] != "none"})
+        width = 0.8 / max(len(criteria), 1)
+        for i, crit in enumerate(criteria):
+            vals = [next((r[metric] for r in mine if r["criterion"] == crit and r["sparsity"] == sp), np.nan) for sp in sparsities]
+            ax.bar(np.arange(len(sparsities)) + (i - (len(criteria) - 1) / 2) * width, vals, width, label=crit)
+        for r in mine:
+            if r["criterion"] == "none":
+                ax.axhline(r[metric], ls="--", color="black", lw=1, label="dense")
+        ax.set_xticks(range(len(sparsities)), [f"{sp:.0%} of MLP neurons" for sp in sparsities])
+        ax.set_title(f"{model}: {label}")
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -358,14 +393,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plot", default=None, help="PNG path (default docs/benchmarks_real_platon.png; --quick: none)")
+    parser.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot from a result JSON")
     parser.add_argument("--out", default=None, help="JSON path (default docs/benchmarks_real_platon.json; --quick: none)")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text())["rows"], Path(args.plot or DOCS / "benchmarks_real_platon.png"))
+        return 0
     if args.quick:
         args.criteria, args.sparsities, args.knn_train, args.knn_test, args.ppl_texts = ["id_platon", "magnitude"], [0.6], 200, 100, 8
         args.steps = args.steps or 8
         args.warmup_steps, args.final_warmup, args.delta_t, args.iterative_steps = 2, 1.0, 2, 2
     elif args.out is None:
         args.out = str(DOCS / "benchmarks_real_platon.json")
+        args.plot = args.plot or str(DOCS / "benchmarks_real_platon.png")
     quiet_cpu_setup(args.threads)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -397,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(json.dumps(result["verdict"]) + f"\nwall time {result['seconds']} s\n")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.plot and rows:
+        plot(rows, Path(args.plot))
     return 0
 
 
