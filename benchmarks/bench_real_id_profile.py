@@ -23,7 +23,7 @@ script uses the whole sample once (``n_blocks=None``).
 Output: ``docs/benchmarks_real_id_profile.json`` (every module's ID and sample count, per-layer
 summaries, the hunchback / flatness statistics, wall times) and ``docs/benchmarks_real_id_profile.png``.
 
-    .venv/bin/python benchmarks/bench_real_id_profile.py            # N = 500 per model (about 6 min here)
+    .venv/bin/python benchmarks/bench_real_id_profile.py            # N = 500 per model (CPU about 5 min)
     .venv/bin/python benchmarks/bench_real_id_profile.py --quick    # N = 64, block outputs only (< 1 min)
 """
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import re
 import sys
@@ -44,8 +43,6 @@ import numpy as np
 import torch
 
 from _common import quiet_cpu_setup  # benchmarks/_common.py: the script folder is on sys.path
-
-logger = logging.getLogger("bench_real_id_profile")
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = ("dinov2-s", "smollm2")

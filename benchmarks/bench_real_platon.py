@@ -186,9 +186,7 @@ def evaluate(name: str, model: torch.nn.Module, args: argparse.Namespace) -> dic
         out = real_tasks.dinov2_knn(model, dataset="mnist", n_train=args.knn_train, n_test=args.knn_test, k=5,
                                     image_size=args.image_size, seed=args.seed)
         return {"knn": round(out["knn"], 4), "linear_probe": round(out.get("linear_probe", float("nan")), 4)}
-    tok = None
-    return {d: round(real_tasks.smollm2_perplexity(model, d, n_texts=args.ppl_texts, tokenizer=tok), 3)
-            for d in ("math", "general")}
+    return {d: round(real_tasks.smollm2_perplexity(model, d, n_texts=args.ppl_texts), 3) for d in ("math", "general")}
 
 
 def make_importance(criterion: str, ids: dict[str, float], delta_t: int) -> Any:
