@@ -174,6 +174,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(result["keeps"], [str(k) for k in result["keeps"]])
         ax.set_xlabel("image tokens kept (of 64)")
         ax.set_title(f"{titles[metric]}, n={result['n_eval']}")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
     axes[2].legend(fontsize=7)
