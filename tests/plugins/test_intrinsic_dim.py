@@ -435,6 +435,17 @@ def test_gram_path_rechecks_margins_within_the_float64_bound() -> None:
     exact = _exact_knn_reference(x)
     torch.testing.assert_close(got, torch.tensor(exact), rtol=1e-12, atol=0)
     assert exact[0::4, 1] == pytest.approx(1.2e-6, rel=1e-6)  # the centres' 2nd neighbour: 1.2e-6, not 1.25e-6
+    # k = 1, satellites at 1e-6, 1.02e-6, 1.04e-6 from each centre, each with its own partner 1e-8 away
+    # (so no satellite lists the centre): only the bound brings the centre's true nearest into its set
+    # (taking the Gram's first candidate alone gives the wrong distance here, 5e-5 relative)
+    points = []
+    for c in range(12):
+        centre, dirs = frame[c], frame[12 + 3 * c : 15 + 3 * c]
+        for a, r in enumerate((1.0, 1.02, 1.04)):
+            points += [centre + r * 1e-6 * dirs[a], centre + r * 1e-6 * dirs[a] + 1e-8 * frame[(c + 1) % 12]]
+        points.append(centre)
+    x = np.asarray(points) + 50.0
+    torch.testing.assert_close(knn_distances(torch.tensor(x), 1), torch.tensor(_exact_knn_reference(x, 1)), rtol=1e-12, atol=0)
 
 
 def test_path_selection_on_both_sides_of_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
