@@ -73,14 +73,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from vlprune.adapters.hf.token_cost import prefill_flops
     from vlprune.adapters.hf.token_pruning import prune_visual_tokens
-    from vlprune.testbed import real
     from vlprune.testbed.real_llava import N_VISUAL_TOKENS, load_llava_real
     from vlprune.testbed.real_llava_eval import chance_baseline, evaluate_llava_real
 
     start = time.perf_counter()
     model = load_llava_real(attn_implementation="eager")
     model.set_attn_implementation("eager")  # FastV reads attention weights; every method runs on this model
-    assert model is not None and "llava-real" in real.REAL_MODELS
 
     def quality() -> dict[str, float]:
         return evaluate_llava_real(model, n=args.n_eval, tasks=TASKS, batch_size=args.batch_size)
