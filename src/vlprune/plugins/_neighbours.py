@@ -65,7 +65,7 @@ BLOCK_ELEMENTS = 1024 * 1024
 EXACT_ELEMENTS = 24 * 1024
 #: above this error constant the float32 bound cannot certify anything useful: search in float64
 _MAX_C = 0.01
-#: float64 values of one column block of the Gram path (32 MB; 64x on a GPU): one GEMM each
+#: float64 values of one column block of the Gram path (32 MB): one GEMM each
 WIDE_ELEMENTS = 4 * 1024 * 1024
 #: most rows for the Gram path (its few N x N float64 matrices stay under 40 MB each)
 GRAM_MAX_ROWS = 2048
@@ -228,10 +228,9 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
         >>> round(working_bytes(5000, 3072) / 2**20)
         184
     """
-    scale = 1 if torch.device(device).type == "cpu" else 64
     if uses_gram_path(n, dim, device):
         pairs = min(n * (n - 1) // 2, GRAM_PAIR_CHUNK)
-        column = 8 * min(n * dim, max(n * 64, WIDE_ELEMENTS * scale))  # one float64 column block
+        column = 8 * min(n * dim, max(n * 64, WIDE_ELEMENTS))  # one float64 column block
         steps = 4 * 8 * max(n, pairs) * _sub_width(max(n, pairs), torch.device(device))  # pass-2 steps
         square = 7 * 8 * n * n  # Gram / d2, slack, upper, masks, exact distances, pair indices
         return int(1.25 * (column + steps + square + 3 * 8 * pairs)) + 8 * 2**20
@@ -434,18 +433,17 @@ def _sub_width(rows: int, device: torch.device) -> int:
     return max(8, limit // max(1, rows))
 
 
-def _column_width(n: int, device: torch.device, elements: int = 0) -> int:
+def _column_width(n: int, device: torch.device) -> int:
     """Columns per block of the Gram path: the (rows x columns) float64 block near
-    ``WIDE_ELEMENTS`` values (64x that on a GPU), at least 64 columns."""
-    limit = elements or (WIDE_ELEMENTS if device.type == "cpu" else 64 * WIDE_ELEMENTS)
-    return max(64, limit // max(1, n))
+    ``WIDE_ELEMENTS`` values (32 MB, on any device), at least 64 columns."""
+    return max(64, WIDE_ELEMENTS // max(1, n))
 
 
 def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     """The ``k`` nearest distances of few wide rows: float64 Gram search, direct exact distances.
 
-    Pass 1 converts ``x`` to float64 one column block at a time (one ``copy_`` into a reused
-    buffer per block), subtracts each column's mean within the block and accumulates the Gram
+    Pass 1 converts ``x`` to float64 one column block at a time (into a reused buffer, in
+    sub-grain steps), subtracts each column's mean within the block and accumulates the Gram
     matrix ``G = Y Y^T`` of the centred rows ``Y``; ``d2_ij = G_ii + G_jj - 2 G_ij``. With
     ``n_i = sqrt(G_ii)``, the float64 dot-product bound, the rounding of ``Y`` and of the few
     operations on ``G`` give ``|d2_ij - |x_i - x_j|^2| <= c (n_i + n_j)^2`` with ``c`` of
@@ -470,7 +468,7 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
             part = block[:, s0 : s0 + step]
             part.copy_(x[:, c0 + s0 : c0 + s0 + part.shape[1]])
             part.sub_(part.sum(dim=0) / n)  # column means; any shift leaves the distances unchanged
-        gram.addmm_(block, block.T)  # one GEMM per ~8 MB block
+        gram.addmm_(block, block.T)  # one GEMM per block of up to 32 MB
     if not bool(torch.isfinite(gram).all()):
         if bool(torch.isfinite(x).all()):
             raise DataError("the data are too large for float64 sums (|x| ~ 1e154); rescale them")
