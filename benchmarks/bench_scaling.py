@@ -30,15 +30,16 @@ Criteria (all through vlprune's public functions, at their defaults unless state
 * ``id_profile``: ``vlprune.estimate_ids(model, batches, n_samples=<samples>)`` (every default module,
   flatten representation, the default memory budget);
 * ``taylor_idw_step``: gradients of a label-free loss over the batches (AMP's entropy objective on the
-  pooled image embedding; LLaVA: the LM loss on the text tokens), then one Torch-Pruning step with
+  pooled image embedding; for LLaVA, which is not measured by default: the LM loss on the text
+  tokens), then one Torch-Pruning step with
   ``IDWeightedImportance(GroupTaylorImportance(), profile)`` through ``prune_hf_model`` (ratio 0.3);
   the profile is the one ``id_profile`` measured (precomputed: not timed; where that row is not
   measured in the same run, a ``representation="mean"`` profile of the same modules, also untimed);
 * ``amp_importance``: ``vlprune.plugins.amp.neuron_importance`` (forward + backward per batch);
 * ``amp_width_search``: ``vlprune.plugins.amp.search_widths`` over ``--search-mlps`` (default 4)
   evenly spaced vision MLPs with ``halvings=--halvings`` (default 1), on seeded random neuron scores
-  (the search's cost does not depend on the score values); a full search costs about
-  ``evaluations x (all MLPs / searched MLPs) x (6 / halvings)`` times as much (6: the default);
+  (the search's cost does not depend on the score values); docs/scaling.md derives a full search's
+  cost from these rows (about 110 forwards for 24 MLPs at the default 6 halvings);
 * ``layer_similarity``: ``vlprune.plugins.layer_similarity.layer_similarity`` over every encoder /
   decoder layer;
 * ``divprune``: vision towers: the forward plus ``divprune_select`` of 9.8% of the patch tokens of the
@@ -587,7 +588,8 @@ def table(report: dict[str, Any]) -> str:
     rows = sorted(report["results"], key=lambda r: (order.get(r["criterion"], 99), models.index(r["model"]) if r["model"] in models else 99, r["samples"]))
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['criterion']} | {r['model']} | {r['samples']} | error: {_last_line(r['error'])} | | | | |")
+            what = r["error"] if r["error"].startswith("not measured") else f"error: {_last_line(r['error'])}"
+            lines.append(f"| {r['criterion']} | {r['model']} | {r['samples']} | {what} | | | | |")
             continue
         lines.append(
             f"| {r['criterion']} | {r['model']} | {r['samples']} | {_fmt(r['criterion_s'])} | {r['x_forward']:.2f} | "
