@@ -489,3 +489,19 @@ def test_gram_path_rejects_nan_and_budgets_less_than_the_search(monkeypatch: pyt
     monkeypatch.setattr(_neighbours, "uses_gram_path", lambda *a, **k: False)
     search = [working_bytes(n, 600_000) for n in (8, 256)]
     assert gram[0] < search[0] and gram[1] < search[1] / 8 and search[1] > 2 * 256 * 600_000 * 4
+
+
+def test_gram_path_many_copies_cost_no_quadratic_pairs() -> None:
+    from vlprune.plugins._neighbours import NeighbourStats, knn_distances
+
+    rng = np.random.default_rng(34)
+    base = rng.normal(size=(30, 8000)) + 100.0
+    near = base[0].copy()
+    near[17] = np.nextafter(near[17], np.inf)  # 1 ulp from row 0: a possible copy that is not one
+    x = np.concatenate([near[None], base, np.repeat(base[:1], 40, axis=0), base[3:5]])
+    stats = NeighbourStats()
+    got = knn_distances(torch.tensor(x), 2, stats=stats)
+    assert stats.path == "gram" and stats.recheck_pairs < 100  # not the 41 * 42 / 2 pairs of the copies
+    torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(x)), rtol=1e-12, atol=0)
+    assert got[0, 0] > 0 and (got[[1, *range(31, 71)], :2] == 0).all() and (got[[4, 5, 71, 72], 0] == 0).all()
+    assert twonn(torch.tensor(x)) == twonn(drop_duplicate_rows(torch.tensor(x)))

@@ -480,20 +480,58 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     upper = torch.add(d2, slack).fill_diagonal_(float("inf"))
     bound = torch.kthvalue(upper, k, dim=1).values  # U_i
     del upper
-    maybe = d2.sub_(slack).fill_diagonal_(float("inf")) <= bound[:, None]  # lower bound <= U_i
-    del d2, slack
+    lower = d2.sub_(slack).fill_diagonal_(float("inf"))
+    del slack
+    maybe = lower <= bound[:, None]  # lower bound <= U_i
     stats.rechecked = int((maybe.sum(dim=1) > k).sum())
-    pairs = torch.triu(maybe | maybe.T, diagonal=1).nonzero()
+    rep = _copies_of(x, lower <= 0)  # exact copies: one representative each (distance 0, no pass)
+    del lower, d2
+    pairs = torch.stack([rep[:, None].expand(n, n)[maybe], rep[None, :].expand(n, n)[maybe]], dim=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]].sort(dim=1).values.unique(dim=0)
     first, second = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
     count = first.numel()
     stats.recheck_pairs = count
     squares = torch.cat(
         [_pair_squares(x, first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
+        or [torch.empty(0, dtype=torch.float64, device=device)]
     )
     exact = torch.full((n, n), float("inf"), dtype=torch.float64, device=device)
     exact[first, second] = squares
     exact[second, first] = squares
+    exact = exact[rep][:, rep]  # every row sees its representative's distances
+    exact.masked_fill_(rep[:, None] == rep[None, :], 0.0).fill_diagonal_(float("inf"))
     return torch.topk(exact, k, dim=1, largest=False, sorted=True).values.sqrt_()
+
+
+def _copies_of(x: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
+    """``rep[i]``: the first row that row ``i`` is an exact copy of (``i`` itself if none found).
+
+    ``possible[i, j]`` (squared-distance lower bound <= 0) holds for every pair of exact copies;
+    each row is compared with its first and its last possible partner only (direct equality of
+    the values, in sub-grain column steps). A copy missed this way is just a row of its own (its distances
+    are then computed like any other), so the result is exact either way; the point is that
+    many copies of one row do not cost a quadratic number of exact distances."""
+    n, dim = x.shape
+    possible = possible.clone().fill_diagonal_(False).tril_(-1)
+    rows = possible.any(dim=1).nonzero().flatten()
+    rep = torch.arange(n, device=x.device)
+    if rows.numel() == 0:
+        return rep
+    flags = possible[rows].to(torch.int8)
+    first = flags.argmax(dim=1)  # the first possible partner j < i
+    last = n - 1 - flags.flip(1).argmax(dim=1)  # the last possible partner j < i
+    same_first = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+    same_last = torch.ones(rows.numel(), dtype=torch.bool, device=x.device)
+    step = min(dim, _sub_width(2 * rows.numel(), x.device))
+    for c0 in range(0, dim, step):
+        own = x[rows, c0 : c0 + step]
+        same_first &= (own == x[first, c0 : c0 + step]).all(dim=1)
+        same_last &= (own == x[last, c0 : c0 + step]).all(dim=1)
+    partner = torch.where(same_first, first, last)
+    found = same_first | same_last
+    for i, j in zip(rows[found].tolist(), partner[found].tolist()):  # ascending: rep[j] is final
+        rep[i] = rep[j]
+    return rep
 
 
 def _pair_squares(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
