@@ -67,7 +67,7 @@ def dinov2_batches(n: int, image_size: int = 112, batch_size: int = 32, seed: in
     images = real_tasks.dinov2_digit_data("mnist", n_train=n, n_test=1, seed=seed)[0]
     proc = real.processor("dinov2-s")
     return [
-        {"pixel_values": real_tasks._pixel_values(images[s : s + batch_size], proc, image_size)}
+        {"pixel_values": real_tasks.digit_pixel_values(images[s : s + batch_size], proc, image_size)}
         for s in range(0, n, batch_size)
     ]
 

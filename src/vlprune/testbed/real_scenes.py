@@ -50,6 +50,7 @@ from torch import nn
 
 from vlprune.errors import DataError, VLPruneError
 from vlprune.testbed.data import SPLITS, Scene, digit_pool
+from vlprune.testbed.real_tasks import digit_pixel_values
 
 __all__ = ["RetrievalSet", "scene_retrieval_set", "scene_features", "retrieval_metrics", "dinov2_scene_retrieval"]
 
@@ -169,16 +170,6 @@ def scene_retrieval_set(
     return RetrievalSet(tuple(queries), gallery, tuple(int(where[i]) for i in range(n_queries)))
 
 
-def _pixel_values(images: np.ndarray, processor: Any, image_size: int) -> torch.Tensor:
-    from PIL import Image
-
-    pils = [Image.fromarray((np.clip(im, 0, 1) * 255).astype(np.uint8), mode="L").convert("RGB") for im in images]
-    kwargs: dict[str, Any] = {}
-    if image_size != 224:
-        kwargs = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
-    return processor(images=pils, return_tensors="pt", **kwargs)["pixel_values"]
-
-
 def scene_features(
     model: nn.Module,
     scenes: Sequence[Scene],
@@ -229,7 +220,7 @@ def _pooled_features(
             starts = range(0, len(scenes), batch_size)
             for s in _progress(starts, progress, "scene features", len(starts)):
                 images = np.stack([sc.image() for sc in scenes[s : s + batch_size]])
-                hidden = model(pixel_values=_pixel_values(images, processor, image_size)).last_hidden_state
+                hidden = model(pixel_values=digit_pixel_values(images, processor, image_size)).last_hidden_state
                 for p in poolings:
                     feats[p].append(_pool(hidden, p))
     finally:

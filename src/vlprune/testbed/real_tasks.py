@@ -42,6 +42,7 @@ from vlprune.errors import DataError, VLPruneError
 
 __all__ = [
     "dinov2_digit_data",
+    "digit_pixel_values",
     "dinov2_features",
     "dinov2_knn",
     "knn_accuracy",
@@ -144,7 +145,9 @@ def dinov2_digit_data(
     raise DataError(f"dataset must be 'mnist' or 'digits', got {dataset!r}")
 
 
-def _pixel_values(images: np.ndarray, processor: Any, image_size: int) -> torch.Tensor:
+def digit_pixel_values(images: np.ndarray, processor: Any, image_size: int) -> torch.Tensor:
+    """Grey digit images in [0, 1] (N x H x W) as DINOv2 ``pixel_values`` at ``image_size`` px (RGB,
+    the processor's resize / crop / normalisation)."""
     from PIL import Image
 
     pils = [Image.fromarray((np.clip(im, 0, 1) * 255).astype(np.uint8), mode="L").convert("RGB") for im in images]
@@ -190,7 +193,7 @@ def dinov2_features(
     try:
         starts = range(0, len(images), batch_size)
         for s in _progress(starts, progress, "dinov2 features", len(starts)):
-            pv = _pixel_values(images[s : s + batch_size], proc, image_size)
+            pv = digit_pixel_values(images[s : s + batch_size], proc, image_size)
             hidden = model(pixel_values=pv).last_hidden_state
             feats.append(hidden[:, 0] if pooling == "cls" else hidden[:, 1:].mean(1))
     finally:
