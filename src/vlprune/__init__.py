@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,8 +100,11 @@ def estimate_ids(
     estimator: Estimator = "linear",
     discard_fraction: float = 0.1,
     n_blocks: int | None = None,
-    max_memory_mb: float = 2048.0,
+    max_memory_mb: float | None = None,
     storage_dtype: torch.dtype = torch.float32,
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
+    spill_dir: str | Path | None = None,
     progress: bool = True,
 ) -> IDProfile:
     """Per-layer intrinsic dimension of a model, each layer labelled vision / language / fusion.
@@ -112,7 +116,9 @@ def estimate_ids(
     a model of no known family gets every ``nn.Linear`` and ``nn.Conv*d``
     (:func:`vlprune.adapters.hf.families.default_id_modules`). The modality of each layer comes from
     the model family (``describe_model``). See
-    :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound.
+    :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound (one
+    forward pass; ``max_memory_mb=None``: half the available memory, rows past it spilled to disk
+    and read back exactly; ``sketch_dim``: a seeded random projection, approximate).
 
     Example:
         >>> profile = vlprune.estimate_ids(model, calib_batches, n_samples=2000)   # doctest: +SKIP
@@ -135,6 +141,9 @@ def estimate_ids(
         modality_of=info.modality_of,
         max_memory_mb=max_memory_mb,
         storage_dtype=storage_dtype,
+        sketch_dim=sketch_dim,
+        sketch_seed=sketch_seed,
+        spill_dir=spill_dir,
         progress=progress,
     )
 

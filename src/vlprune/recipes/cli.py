@@ -485,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--representation", default="flatten", choices=["flatten", "cls", "mean", "tokens"])
     p.add_argument("--estimator", default="linear", choices=["linear", "mle"])
     p.add_argument("--n-blocks", type=int, default=None, help="average over 1..N random blocks (paper: 20)")
-    p.add_argument("--max-memory-mb", type=float, default=2048.0)
+    p.add_argument("--max-memory-mb", type=float, default=None,
+                   help="RAM for stored rows (default: half the available memory; the rest is spilled to disk)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-batches", type=int, default=8, help="with --data random / testbed")
     p.add_argument("--seed", type=int, default=0)

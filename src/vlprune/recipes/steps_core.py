@@ -63,7 +63,9 @@ class CalibrateParams(StepParams):
     modules: list[str] | None = Field(None, description="module names / globs (default: every Linear but heads)")
     representation: Literal["flatten", "cls", "mean", "tokens"] = "flatten"
     estimator: Literal["linear", "mle"] = "linear"
-    max_memory_mb: float = Field(1024.0, gt=0)
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="RAM for stored rows (default: half the available memory; the rest is spilled to disk)"
+    )
 
 
 def calibrate(ctx: RecipeContext, params: CalibrateParams) -> dict[str, Any]:
