@@ -55,7 +55,7 @@ and ``AMPEntropyImportance`` (scores precomputed), and one step is run in intera
 model). Per round: the step's time and the time inside the importance's ``__call__``; ratios to
 Taylor are medians of per-round ratios.
 
-    .venv/bin/python benchmarks/bench_scaling.py                 # full: docs/benchmarks_scaling.json, docs/_sections/scaling_table.md
+    .venv/bin/python benchmarks/bench_scaling.py                 # full: docs/benchmarks_scaling.json, docs/benchmarks_scaling.md
     .venv/bin/python benchmarks/bench_scaling.py --merge --criteria id_profile   # re-measure some rows only
     .venv/bin/python benchmarks/bench_scaling.py --quick         # tiny shapes, a smoke run (writes nothing)
 """
@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per child")
     parser.add_argument("--merge", action="store_true", help="update the rows of an existing JSON instead of starting anew")
     parser.add_argument("--out", type=Path, default=None, help="JSON (default docs/benchmarks_scaling.json; none with --quick)")
-    parser.add_argument("--md", type=Path, default=None, help="markdown table (default docs/_sections/scaling_table.md)")
+    parser.add_argument("--md", type=Path, default=None, help="markdown table (default docs/benchmarks_scaling.md)")
     args = parser.parse_args(argv)
 
     from _common import quiet_cpu_setup  # noqa: PLC0415 (sibling module)
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = Path(os.environ.get("TMPDIR", "/tmp")) / ("bench_scaling_profiles" + ("_quick" if args.quick else ""))
     profiles.mkdir(parents=True, exist_ok=True)
     out = args.out if args.out is not None else (None if args.quick else ROOT / "docs/benchmarks_scaling.json")
-    md = args.md if args.md is not None else (None if args.quick else ROOT / "docs/_sections/scaling_table.md")
+    md = args.md if args.md is not None else (None if args.quick else ROOT / "docs/benchmarks_scaling.md")
     report: dict[str, Any] = {
         "benchmark": "data-driven criteria vs a plain forward over the same batches; random weights, real shapes",
         "quick": args.quick,

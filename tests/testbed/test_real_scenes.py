@@ -23,7 +23,7 @@ needs_dinov2 = pytest.mark.skipif(bool(_MISSING), reason=f"real-tier packages mi
 logger = logging.getLogger(__name__)
 
 # small and fast: 140 px input (10 x 10 patches), 30 queries, 60 gallery scenes (about 9 s per model on
-# one core). At 112 px real DINOv2 is near chance on this task; see docs/_sections/real_scenes.md.
+# one core). At 112 px real DINOv2 is near chance on this task; see docs/benchmarks.md, section "DINOv2-S: retrieval among scenes".
 KW = dict(n_queries=30, n_distractors=30, image_size=140, pooling="cls", progress=False)
 
 

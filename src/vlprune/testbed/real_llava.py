@@ -32,7 +32,7 @@ Choices (and why):
   the shipped run (21 s at a lighter load), which is why stage 0 exists and stage 1 is short.
   ``train_log.json`` records both stages. The shipped projector: ``--train DIR --max-minutes 20``
   (the defaults otherwise), 22 min, 435 stage-0 and 11 stage-1 steps. **It does not read the
-  digits yet** (VQA at or below a blind baseline; docs/_sections/real_llava.md): 11 steps taught
+  digits yet** (VQA at or below a blind baseline; docs/benchmarks.md, section "llava-real"): 11 steps taught
   the answer format only.
 
 Example:

@@ -22,7 +22,7 @@ Metrics per query, averaged: recall@1, recall@5, mAP (one relevant item, so aver
 the top-1 scene has the query's digit). The chance level of each (a uniformly random ranking) is
 returned next to it.
 
-Measured (docs/_sections/real_scenes.md): the task is hard for DINOv2-S's global features. With
+Measured (docs/benchmarks.md, section "DINOv2-S: retrieval among scenes"): the task is hard for DINOv2-S's global features. With
 the defaults (100 queries, 500 gallery scenes, 224 px) real DINOv2 reaches 3-4x the chance mAP,
 above a randomly initialised DINOv2 but far below cosine similarity of the raw pixels; at 112 px it
 is at chance. Smaller galleries (the tests: 60 scenes at 140 px) leave more room to measure a drop.
