@@ -117,7 +117,7 @@ def test_forward_pass(model) -> None:
 @needs_real
 @pytest.mark.xfail(strict=True, reason="known gap: the shipped projector (11 LM steps, projector only) does not read "
                    "the digits yet: this forced choice scored 0.125 on 24 scenes, the 30-scene one of evaluate_llava_real 0.067 "
-                   "(chance 0.1); docs/benchmarks.md, section "llava-real"")
+                   "(chance 0.1); docs/benchmarks.md, section 'llava-real'")
 def test_reads_the_image_better_than_chance(model) -> None:
     """Forced choice among the ten digit words for "which digit is at the <position> ?" on 12 fixed
     test scenes (one forward pass): a model that reads the image must beat the 0.1 of guessing, with margin."""
