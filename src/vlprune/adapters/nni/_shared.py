@@ -63,12 +63,15 @@ def exact_sparse_ratio(size: int, pruned: int) -> float:
 
 
 def _metric_like(target_space: Any, values: torch.Tensor, where: str) -> torch.Tensor:
-    """``values`` (one per output channel) in the shape NNI's scaler gives the target's metric."""
+    """``values`` (one per output channel, or one value for all of them) in the shape NNI's scaler
+    gives the target's metric."""
     target = target_space.target
     if target_space._scaler is not None:
         shape = target_space._scaler.shrink(target, keepdim=True).shape
     else:
         shape = target.shape
+    if values.numel() == 1:
+        values = values.reshape(1).expand(math.prod(shape))
     if math.prod(shape) != values.numel():
         raise ModelStructureError(
             f"{where}: the metric has {values.numel()} values but NNI expects shape {tuple(shape)}; "
@@ -126,3 +129,15 @@ def _check_progress(progress: Any) -> bool:
     if not isinstance(progress, bool):
         raise VLPruneError(f"progress must be True or False, got {progress!r}")
     return progress
+
+
+def _shaped_metrics(pruner: L1NormPruner, data: _Data) -> _Data:
+    """NNI's ``_calculate_metrics`` for pruners whose collected data already are the metrics: each
+    target's values in the shape NNI's scaler gives it (smaller = masked first)."""
+    return {
+        module_name: {
+            target_name: _metric_like(pruner._target_spaces[module_name][target_name], values, f"{module_name}.{target_name}")
+            for target_name, values in targets.items()
+        }
+        for module_name, targets in data.items()
+    }

@@ -38,7 +38,7 @@ from vlprune.adapters.nni._shared import (
     _Data,
     _from_compressor,
     _init_nni,
-    _metric_like,
+    _shaped_metrics,
     exact_sparse_ratio,
 )
 from vlprune.adapters.nni.config import OneShotInFusion, check_config_list, select_modules
@@ -298,9 +298,4 @@ class AMPPruner(OneShotInFusion, L1NormPruner):
 
     def _calculate_metrics(self, data: _Data) -> _Data:
         """Per target, the metric shaped as NNI's scaler shrinks the target (smaller = masked first)."""
-        metrics: _Data = {}
-        for module_name, targets in data.items():
-            for target_name, values in targets.items():
-                space = self._target_spaces[module_name][target_name]
-                metrics.setdefault(module_name, {})[target_name] = _metric_like(space, values, f"{module_name}.{target_name}")
-        return metrics
+        return _shaped_metrics(self, data)

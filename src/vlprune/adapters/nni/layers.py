@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -43,7 +42,7 @@ from vlprune.adapters.nni._shared import (
     _Data,
     _from_compressor,
     _init_nni,
-    _metric_like,
+    _shaped_metrics,
 )
 from vlprune.adapters.nni.config import OneShotInFusion
 from vlprune.errors import DataError, ModelStructureError
@@ -251,23 +250,16 @@ class LayerSimilarityPruner(OneShotInFusion, L1NormPruner):
         return _from_compressor(cls, compressor, domain_batches, n_layers, evaluator=evaluator, **kwargs)
 
     def _collect_data(self) -> _Data:
-        """The removability of the layer each active target belongs to (computed at construction)."""
+        """Minus the removability of the layer each active target belongs to (computed at construction),
+        one value for all its channels (smaller = masked first)."""
         data: _Data = {}
         for module_name, targets in _active_targets(self).items():
             if module_name not in self._removability:
                 raise ModelStructureError(f"{module_name} is not an output projection of a chosen decoder layer")
             for target_name in targets:
-                data.setdefault(module_name, {})[target_name] = torch.tensor([self._removability[module_name]])
+                data.setdefault(module_name, {})[target_name] = torch.tensor([-self._removability[module_name]])
         return data
 
     def _calculate_metrics(self, data: _Data) -> _Data:
-        """Per target, minus its layer's removability, constant over the channels (smaller = masked first)."""
-        metrics: _Data = {}
-        for module_name, targets in data.items():
-            for target_name, value in targets.items():
-                space = self._target_spaces[module_name][target_name]
-                shape = space._scaler.shrink(space.target, keepdim=True).shape if space._scaler is not None else space.target.shape
-                metrics.setdefault(module_name, {})[target_name] = _metric_like(
-                    space, (-value.float()).expand(math.prod(shape)), f"{module_name}.{target_name}"
-                )
-        return metrics
+        """Per target, its layer's value over every channel, in the shape NNI's scaler gives it."""
+        return _shaped_metrics(self, data)
