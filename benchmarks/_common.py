@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,3 +36,12 @@ def macs_and_params(model: torch.nn.Module, example: Any) -> tuple[float, float]
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         macs, params = tp.utils.count_ops_and_params(model, example)
     return float(macs), float(params)
+
+
+def redraw(out: Path, table: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], None]) -> int:
+    """``--table``: print the table of the saved results ``out`` and redraw their plot (``out`` with
+    ``.png``); returns the exit status."""
+    result = json.loads(Path(out).read_text())
+    print(table(result))
+    plot(result, Path(out).with_suffix(".png"))
+    return 0

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup  # noqa: E402
+from _common import quiet_cpu_setup, redraw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: parameters per hidden neuron of a DINOv2-S MLP: a row of fc1 (384 + bias) and a column of fc2
@@ -287,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.table:
-        result = json.loads(out.read_text())
-        print(table(result))
-        plot(result, out.with_suffix(".png"))
-        return 0
+        return redraw(out, table, plot)
     if args.quick:
         args.delta_e, args.calib, args.held_out, args.distill_batches, args.distill_steps = [3e-2], 2, 1, 2, 3
         args.n_train, args.n_test, args.halvings = 200, 100, 4

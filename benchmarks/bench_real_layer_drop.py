@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup  # noqa: E402
+from _common import quiet_cpu_setup, redraw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKINGS = ("math", "general", "mixed", "block_influence", "angular", "spacing", "random")
@@ -313,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.table:
-        result = json.loads(out.read_text())
-        print(table(result))
-        plot(result, out.with_suffix(".png"))
-        return 0
+        return redraw(out, table, plot)
     if args.quick:
         args.budgets, args.n_calib, args.n_eval, args.exact_match = [2, 6, 9, 14], 6, 6, False
     quiet_cpu_setup(args.threads)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup  # noqa: E402
+from _common import quiet_cpu_setup, redraw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEPS = (6, 16)
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.table:
-        result = json.loads(out.read_text())
-        print(table(result))
-        plot(result, out.with_suffix(".png"))
-        return 0
+        return redraw(out, table, plot)
     if args.quick:
         args.n_eval, args.keeps, args.variants = 8, [8, 32], ["divprune", "fastv K=2"]
     quiet_cpu_setup(args.threads)

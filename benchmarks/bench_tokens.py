@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup  # noqa: E402
+from _common import quiet_cpu_setup, redraw  # noqa: E402
 
 from vlprune.adapters.hf.token_cost import measure_token_pruning, prefill_flops  # noqa: E402
 from vlprune.adapters.hf.token_pruning import prune_visual_tokens  # noqa: E402
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.table:
-        result = json.loads(out.read_text())
-        print(table(result))
-        plot(result, out.with_suffix(".png"))
-        return 0
+        return redraw(out, table, plot)
     args.ratios = RATIOS
     if args.quick:
         args.n_eval, args.ratios, args.repeats, args.random_seeds = 40, (0.1, 0.5, 1.0), 1, 1
