@@ -272,12 +272,14 @@ def test_too_little_disk_is_said_before_the_pass(monkeypatch: pytest.MonkeyPatch
     model = tiny_model("clip")
     batches = batches_for("clip", n_batches=3, batch_size=4)
     monkeypatch.setattr(id_storage.shutil, "disk_usage", lambda _p: type("U", (), {"free": 1000})())
+    model.train()
+    training = {n: m.training for n, m in model.named_modules()}
     calls, handle = _count_forwards(model)
     with pytest.raises(VLPruneError, match=r"has only 0.0 GB free; pass spill_dir="):
         estimate_ids(model, batches, n_samples=12, max_memory_mb=0.05, spill_dir=tmp_path, progress=False)
     handle.remove()
     assert calls[0] == 1  # refused after the first batch, not after the whole pass
-    _untouched(model, {n: m.training for n, m in model.named_modules()})
+    _untouched(model, training)
     assert list(tmp_path.iterdir()) == []
 
 

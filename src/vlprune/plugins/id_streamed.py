@@ -96,11 +96,10 @@ def _first_copies(rows: SpillingRows, keys: torch.Tensor, step: int) -> torch.Te
     """Indices of the first copy of every distinct row. Rows with equal hashes are compared
     exactly with the first pending row of their group, one pass per round (one round unless
     different rows share a hash)."""
-    pending: list[list[int]] = []
     groups: dict[tuple[float, float], list[int]] = {}
     for i, key in enumerate(keys.tolist()):
         groups.setdefault((key[0], key[1]), []).append(i)
-    pending = [members for members in groups.values() if len(members) > 1]
+    pending: list[list[int]] = [members for members in groups.values() if len(members) > 1]
     dropped: set[int] = set()
     while pending:
         heads = torch.tensor([g[0] for g in pending for _ in g[1:]])

@@ -95,12 +95,6 @@ def mlp_widths(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def _heads(model: nn.Module) -> dict[str, int]:
-    from vlprune.adapters.hf.families import describe
-
-    return {a.name: int(a.num_heads) for a in describe(model).attentions}
-
-
 def _structure(model: nn.Module) -> dict[str, Any]:
     """What a report shows about the model's shape: parameters, MLP widths, heads, decoder layers."""
     from vlprune.adapters.hf.families import describe
@@ -275,7 +269,7 @@ def prune_id_platon(ctx: RecipeContext, params: IDPlatonParams) -> dict[str, Any
     if ctx.framework == "nni":
         summary = _platon_nni(ctx, params, profile, train, dense, final)
     else:
-        summary = _platon_tp(ctx, params, profile, train, dense, final)
+        summary = _platon_tp(ctx, params, profile, train)
     after = _structure(ctx.model)
     return {
         "framework": ctx.framework,
@@ -290,8 +284,7 @@ def prune_id_platon(ctx: RecipeContext, params: IDPlatonParams) -> dict[str, Any
     }
 
 
-def _platon_tp(ctx: RecipeContext, params: IDPlatonParams, profile: Any, train: list[Batch],
-               dense: int, final: int) -> dict[str, Any]:
+def _platon_tp(ctx: RecipeContext, params: IDPlatonParams, profile: Any, train: list[Batch]) -> dict[str, Any]:
     import torch_pruning as tp
 
     import vlprune

@@ -61,7 +61,9 @@ import torch
 from tqdm.auto import tqdm
 
 from vlprune.errors import VLPruneError
+from vlprune.plugins.capture import preserved_mode
 from vlprune.testbed.data import DIGIT_WORDS, Scene, make_scenes, vqa
+from vlprune.testbed.train import _pad_right
 
 __all__ = [
     "IMAGE_PX",
@@ -157,12 +159,8 @@ def training_batch(prompts: Sequence[str], answers: Sequence[str]) -> dict[str, 
     """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of (prompt, answer) examples."""
     pad = llava_real_tokenizer().pad_token_id
     rows = [example(p, a) for p, a in zip(prompts, answers)]
-    width = max(len(x) for x, _ in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    ids, mask = _pad_right([x for x, _ in rows], pad)
+    labels, _ = _pad_right([y for _, y in rows], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -500,16 +498,12 @@ def answer(model: Any, scenes: Sequence[Scene], prompts: Sequence[str], max_new_
         The decoded answers, stripped, up to ``<|im_end|>``.
     """
     proc = llava_real_processor()
-    was_training = model.training
-    model.eval()
     out: list[str] = []
-    try:
+    with preserved_mode(model, training=False):
         for i in tqdm(range(0, len(scenes), batch_size), desc="generate", disable=not progress):
             batch = proc(scenes[i : i + batch_size], prompts[i : i + batch_size])
             gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
             out.extend(proc.decode(row) for row in gen[:, batch["input_ids"].shape[1] :].tolist())
-    finally:
-        model.train(was_training)
     return out
 
 

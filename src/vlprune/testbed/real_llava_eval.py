@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlprune.plugins.capture import preserved_mode
 from vlprune.testbed.data import DIGIT_WORDS, POSITIONS, Scene, make_scenes, vqa
 from vlprune.testbed.real_llava import CAPTION_PROMPT, _ids, answer, llava_real_processor
 
@@ -77,15 +78,12 @@ def digit_choice_accuracy(model: Any, split: str = "test", n: int = 100, batch_s
     prompts = [f"which digit is at the {POSITIONS[i % 4]} ?" for i in range(n)]
     truth = torch.tensor([s.digits[i % 4] for i, s in enumerate(scenes)])
     word_ids = torch.tensor([_ids(w)[0] for w in DIGIT_WORDS])
-    proc, was_training = llava_real_processor(), model.training
-    model.eval()
+    proc = llava_real_processor()
     picks = []
-    try:
+    with preserved_mode(model, training=False):
         for i in range(0, n, batch_size):
             logits = model(**proc(scenes[i : i + batch_size], prompts[i : i + batch_size])).logits[:, -1]
             picks.append(logits[:, word_ids].argmax(-1))
-    finally:
-        model.train(was_training)
     return float((torch.cat(picks) == truth).float().mean())
 
 

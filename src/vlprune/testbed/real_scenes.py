@@ -49,8 +49,9 @@ import torch
 from torch import nn
 
 from vlprune.errors import DataError, VLPruneError
+from vlprune.plugins.capture import preserved_mode
 from vlprune.testbed.data import SPLITS, Scene, digit_pool
-from vlprune.testbed.real_tasks import digit_pixel_values
+from vlprune.testbed.real_tasks import _progress, digit_pixel_values
 
 __all__ = ["RetrievalSet", "scene_retrieval_set", "scene_features", "retrieval_metrics", "dinov2_scene_retrieval"]
 
@@ -59,14 +60,6 @@ logger = logging.getLogger(__name__)
 Pooling = Literal["cls", "mean"]
 Distractors = Literal["random", "permuted"]
 N_LAYOUTS = 10**4
-
-
-def _progress(iterable: Any, enabled: bool, desc: str, total: Optional[int] = None) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 @dataclass(frozen=True)
@@ -212,19 +205,14 @@ def _pooled_features(
         from vlprune.testbed import real
 
         processor = real.processor("dinov2-s")
-    was_training = model.training
-    model.eval()
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
-    try:
-        with torch.no_grad():
-            starts = range(0, len(scenes), batch_size)
-            for s in _progress(starts, progress, "scene features", len(starts)):
-                images = np.stack([sc.image() for sc in scenes[s : s + batch_size]])
-                hidden = model(pixel_values=digit_pixel_values(images, processor, image_size)).last_hidden_state
-                for p in poolings:
-                    feats[p].append(_pool(hidden, p))
-    finally:
-        model.train(was_training)
+    with preserved_mode(model, training=False), torch.no_grad():
+        starts = range(0, len(scenes), batch_size)
+        for s in _progress(starts, progress, "scene features", len(starts)):
+            images = np.stack([sc.image() for sc in scenes[s : s + batch_size]])
+            hidden = model(pixel_values=digit_pixel_values(images, processor, image_size)).last_hidden_state
+            for p in poolings:
+                feats[p].append(_pool(hidden, p))
     return {p: torch.cat(f).float() for p, f in feats.items()}
 
 
