@@ -81,6 +81,10 @@ __all__ = [
     "training_batch",
     "load_llava_real",
     "projector_state",
+    "LM_DELTA_FILE",
+    "LM_DELTA_SHA256",
+    "LowRankDeltas",
+    "merge_lm_deltas",
     "train_projector",
     "answer",
     "main",
@@ -99,7 +103,14 @@ VISION_FEATURE_SELECT = "default"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "llava-real"
 PROJECTOR_FILE = "projector.safetensors"
 #: sha256 of the shipped ``checkpoints/llava-real/projector.safetensors``
-PROJECTOR_SHA256 = "cef6bdd9bf62bf20a58ea7305ad7357aefb761e1c0c3956fd89a6acc56532f30"
+PROJECTOR_SHA256 = "29eae287a3eefbbd1e0adf3344ab4561067981fabe773f199071838b135a3f51"
+#: low-rank updates of the language model's linears, merged into its weights at load time
+LM_DELTA_FILE = "lm_delta.safetensors"
+#: sha256 of the shipped ``checkpoints/llava-real/lm_delta.safetensors`` (None: none shipped)
+LM_DELTA_SHA256: str | None = "45f07010684614ef61837b4fc16417f395a910964b27cc296168447db8218861"
+#: the language-model linears (per decoder layer) that get a trained low-rank update
+LM_DELTA_TARGETS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 CAPTION_PROMPT = "caption"
@@ -277,7 +288,9 @@ def load_llava_real(checkpoint: str | Path | None = None, attn_implementation: s
     """``llava-real`` in eval mode: real DINOv2-S + SmolLM2-135M + the shipped trained projector.
 
     Args:
-        checkpoint: directory holding ``projector.safetensors`` (default: the shipped one).
+        checkpoint: directory holding ``projector.safetensors`` and, when the LM was adapted too,
+            ``lm_delta.safetensors`` (low-rank updates merged into the LM weights; default: the
+            shipped ones).
         attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (needed by FastV token pruning).
         expected_sha256: checksum the projector file must have (default: :data:`PROJECTOR_SHA256` for
             the shipped file, none for another ``checkpoint``).
@@ -305,12 +318,114 @@ def load_llava_real(checkpoint: str | Path | None = None, attn_implementation: s
     if expected is not None and (actual := sha256_file(path)) != expected:
         raise VLPruneError(f"{path} is corrupt or truncated: sha256 {actual} != expected {expected}; "
                            "reinstall vlprune or retrain with `python -m vlprune.testbed.real_llava --train DIR`")
+    delta_path = path.parent / LM_DELTA_FILE
+    delta_expected = LM_DELTA_SHA256 if checkpoint is None else None
+    if checkpoint is None and LM_DELTA_SHA256 is not None and not delta_path.is_file():
+        raise VLPruneError(f"{delta_path} is missing; reinstall vlprune")
+    if delta_path.is_file() and delta_expected is not None and (actual := sha256_file(delta_path)) != delta_expected:
+        raise VLPruneError(f"{delta_path} is corrupt or truncated: sha256 {actual} != expected {delta_expected}; "
+                           "reinstall vlprune or retrain with `python -m vlprune.testbed.real_llava --train DIR`")
     model = _assemble(attn_implementation, init_projector=False)
     try:
         model.model.multi_modal_projector.load_state_dict(load_file(str(path)))
     except Exception as exc:  # safetensors raises its own SafetensorError on a damaged header
         raise VLPruneError(f"{path} does not hold a llava-real projector (384 -> 576 -> 576): {exc}") from exc
+    if delta_path.is_file():
+        try:
+            state = load_file(str(delta_path))
+        except Exception as exc:
+            raise VLPruneError(f"{delta_path} is not a readable safetensors file: {exc}") from exc
+        merge_lm_deltas(model, state)
     return model.eval()
+
+
+# ------------------------------------------------------------------------ low-rank LM updates
+class LowRankDeltas:
+    """Trainable low-rank updates ``W + (alpha / r) B A`` of the LM linears, applied by forward hooks.
+
+    ``A`` (r x in) starts small and random, ``B`` (out x r) at zero, so training starts from the
+    unchanged LM (LoRA's initialisation). The hooks add ``(alpha / r) (x A^T) B^T`` to each target's
+    output; :meth:`state` gives the tensors to ship and :func:`merge_lm_deltas` folds them into the
+    weights, so the loaded model is a plain ``LlavaForConditionalGeneration`` with plain ``nn.Linear``
+    layers (what the pruning tools see).
+
+    Args:
+        model: the assembled Llava.
+        rank: ``r``.
+        alpha: the scale numerator (``alpha / r`` multiplies ``B A``).
+        targets: linears per decoder layer (:data:`LM_DELTA_TARGETS`).
+        generator: seeds ``A``.
+    """
+
+    def __init__(self, model: Any, rank: int, alpha: float, targets: Sequence[str] = LM_DELTA_TARGETS,
+                 generator: torch.Generator | None = None) -> None:
+        if rank < 1:
+            raise VLPruneError(f"rank must be at least 1, got {rank}")
+        self.rank, self.alpha, self.scale = int(rank), float(alpha), float(alpha) / int(rank)
+        self.params: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+        self._handles: list[Any] = []
+        layers = model.model.language_model.layers
+        for i, layer in enumerate(layers):
+            for t in targets:
+                lin = layer.get_submodule(t)
+                a = torch.nn.Parameter(torch.randn(self.rank, lin.in_features, generator=generator) / lin.in_features**0.5)
+                b = torch.nn.Parameter(torch.zeros(lin.out_features, self.rank))
+                name = f"layers.{i}.{t}"
+                self.params[name] = (a, b)
+                self._handles.append(lin.register_forward_hook(self._hook(a, b)))
+
+    def _hook(self, a: torch.nn.Parameter, b: torch.nn.Parameter) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            return output + (inputs[0] @ a.T) @ (b.T * self.scale)
+        return hook
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Every ``A`` and ``B``."""
+        return [p for pair in self.params.values() for p in pair]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """``{"<layer>.<target>.A": A, ".B": B}`` plus ``"scale"`` (what :func:`merge_lm_deltas` reads)."""
+        out = {"scale": torch.tensor([self.scale])}
+        for name, (a, b) in self.params.items():
+            out[f"{name}.A"] = a.detach().clone().contiguous()
+            out[f"{name}.B"] = b.detach().clone().contiguous()
+        return out
+
+    def remove(self) -> None:
+        """Take the hooks off (the weights are unchanged)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def merge_lm_deltas(model: Any, state: dict[str, torch.Tensor]) -> int:
+    """Fold shipped low-rank updates into the LM weights: ``W += scale * B @ A`` (float32).
+
+    Args:
+        model: the assembled Llava.
+        state: :meth:`LowRankDeltas.state` (as saved).
+
+    Returns:
+        The number of linears updated.
+
+    Raises:
+        VLPruneError: a key names no LM linear, or a shape does not fit.
+    """
+    scale = float(state["scale"].reshape(-1)[0]) if "scale" in state else None
+    names = sorted({k.rsplit(".", 1)[0] for k in state if k != "scale"})
+    if scale is None or any(f"{n}.A" not in state or f"{n}.B" not in state for n in names):
+        raise VLPruneError("the LM update file must hold 'scale' and an A and a B per linear")
+    lm = model.model.language_model
+    with torch.no_grad():
+        for n in names:
+            try:
+                lin = lm.get_submodule(n)
+                delta = (state[f"{n}.B"].float() @ state[f"{n}.A"].float()) * scale
+                lin.weight.add_(delta.to(lin.weight.dtype))
+            except (AttributeError, RuntimeError) as exc:
+                raise VLPruneError(f"LM update {n!r} does not fit the language model: {exc}") from exc
+    return len(names)
+
 
 
 # --------------------------------------------------------------------------------------- training
@@ -394,29 +509,39 @@ def _lm_loss(model: Any, feats: torch.Tensor, batch: dict[str, torch.Tensor]) ->
 def train_projector(
     out: str | Path,
     *,
-    n_scenes: int = 384,
-    stage0_steps: int = 1500,
+    n_scenes: int = 2000,
+    stage0_steps: int = 3000,
     stage0_lr: float = 1e-3,
-    stage0_batch: int = 8,
-    steps: int = 40,
+    stage0_batch: int = 16,
+    steps: int = 1000,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
+    lm_rank: int = 8,
+    lm_alpha: float = 16.0,
+    lm_lr: float = 5e-4,
     seed: int = 0,
     threads: int = 2,
     max_minutes: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the ``llava-real`` projector (tower and LM frozen) and save it with ``train_log.json``.
+    """Train the ``llava-real`` projector (and low-rank LM updates) and save them with ``train_log.json``.
 
     Args:
-        out: output directory (``projector.safetensors``, ``train_log.json``).
+        out: output directory (``projector.safetensors``, ``lm_delta.safetensors`` when
+            ``lm_rank > 0``, ``train_log.json``).
         n_scenes: training scenes whose DINOv2 features are computed once (the last quarter, at most
             256, is held out of stage 0 to measure its quadrant -> digit-word accuracy).
         stage0_steps / stage0_lr / stage0_batch: the no-LM warm-up (module docstring; batch in scenes); 0 skips it.
-        steps / batch_size / lr: LLaVA stage-1 steps with the frozen LM (constant learning rate).
+        steps / batch_size / lr: stage-1 steps (next-token loss on the answers), batch, projector
+            peak learning rate (cosine schedule, 3% warm-up).
+        lm_rank / lm_alpha / lm_lr: rank, scale numerator and peak learning rate of the low-rank
+            updates of the LM's linears (:class:`LowRankDeltas`); ``lm_rank=0`` keeps the LM frozen
+            (projector only, LLaVA stage 1).
         seed: seeds scene sampling, task draws and initialisation.
         threads: torch intra-op threads.
-        max_minutes: wall-clock cap of the two stages (35% / 65%; the steps actually run are logged).
+        max_minutes: wall-clock cap of the two stages (stage 0 at most 15%; stage 1 plans its
+            step count from the measured time per step so that its cosine schedule ends within the
+            cap; the steps actually run are logged).
         progress: tqdm bars.
 
     Returns:
@@ -424,6 +549,7 @@ def train_projector(
     """
     from safetensors.torch import save_file
 
+    from vlprune.recipes.finetune import cosine_lr
     from vlprune.testbed.train import tune_cpu_runtime
 
     tune_cpu_runtime(threads)
@@ -436,10 +562,13 @@ def train_projector(
     proj = model.model.multi_modal_projector
     for p in proj.parameters():
         p.requires_grad_(True)
-    log: dict[str, Any] = {"model": "llava-real", "trained": "projector only (tower and LM frozen)", "seed": seed,
+    trained = "projector only (tower and LM frozen)" if lm_rank == 0 else (
+        f"projector + rank-{lm_rank} updates of the LM linears {list(LM_DELTA_TARGETS)} (tower and LM weights frozen)")
+    log: dict[str, Any] = {"model": "llava-real", "trained": trained, "seed": seed,
                            "threads": threads, "image_px": IMAGE_PX, "visual_tokens": N_VISUAL_TOKENS,
                            "vision_feature_layer": VISION_FEATURE_LAYER, "select": VISION_FEATURE_SELECT}
     start = time.time()
+    budget = 60 * max_minutes if max_minutes else float("inf")
     scenes = make_scenes("train", n_scenes, seed=seed * 1_000_003 + 900_000)
     feats = _features(model, scenes, progress=progress)
     digits = torch.tensor([s.digits for s in scenes])
@@ -449,16 +578,26 @@ def train_projector(
         n_held = min(256, n_scenes // 4)
         log["progress"] = progress
         _stage0(model, feats[:-n_held], digits[:-n_held], (feats[-n_held:], digits[-n_held:]), log, stage0_steps, stage0_lr, stage0_batch, gen,
-                max_seconds=0.35 * 60 * max_minutes if max_minutes else float("inf"))
+                max_seconds=0.15 * budget)
         del log["progress"]
         logger.info("stage 0: %s", {k: v for k, v in log["stage0"].items() if k != "loss_mse_ce"})
+    deltas = LowRankDeltas(model, lm_rank, lm_alpha, generator=gen) if lm_rank > 0 else None
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
-    stage1: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "task_mix": list(TASK_MIX),
-                              "schedule": "constant",
+    groups = [{"params": list(proj.parameters()), "peak": lr}]
+    if deltas is not None:
+        groups.append({"params": deltas.parameters(), "peak": lm_lr})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    stage1: dict[str, Any] = {"steps_planned": steps, "batch_size": batch_size, "lr": lr, "task_mix": list(TASK_MIX),
+                              "schedule": "cosine, 3% warm-up", "lm_rank": lm_rank, "lm_alpha": lm_alpha, "lm_lr": lm_lr,
                               "loss_average": "per example (answer tokens)", "loss": []}
     t1 = time.time()
-    for step in tqdm(range(steps), desc="llava-real stage 1", disable=not progress):
+    remaining = budget - (t1 - start)
+    total = steps
+    bar = tqdm(total=steps, desc="llava-real stage 1", disable=not progress)
+    step = 0
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, total, max(1, total * 3 // 100), g["peak"])
         idx = [rng.randrange(len(scenes)) for _ in range(batch_size)]
         pairs = [task_example(scenes[i], rng.choices(range(3), weights=TASK_MIX)[0], rng) for i in idx]
         batch = training_batch([p for p, _ in pairs], [a for _, a in pairs])
@@ -466,17 +605,28 @@ def train_projector(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        stage1["loss"].append([step, round(float(loss.detach()), 4)])
-        logger.info("stage 1 step %d loss %.4f (%.1f s/step)", step, stage1["loss"][-1][1], (time.time() - t1) / (step + 1))
-        if max_minutes and time.time() - t1 > 0.65 * 60 * max_minutes:
-            logger.info("stage 1: time budget reached after %d of %d steps", step + 1, steps)
-            stage1["steps"] = step + 1
-            break
+        step += 1
+        bar.update(1)
+        if step == 5 and remaining < float("inf"):  # plan the schedule from the measured step time
+            per_step = (time.time() - t1) / step
+            fit = int(remaining / per_step)
+            if fit < total:
+                logger.info("stage 1: %.2f s per step; %d of %d steps fit in the time cap", per_step, fit, total)
+                total = max(step + 1, fit)
+                bar.total = total
+        if step % 10 == 0 or step == total:
+            stage1["loss"].append([step, round(float(loss.detach()), 4)])
+            logger.info("stage 1 step %d/%d loss %.4f (%.2f s/step)", step, total, float(loss.detach()), (time.time() - t1) / step)
+    bar.close()
+    stage1["steps"] = step
     stage1["seconds"] = round(time.time() - t1, 1)
-    stage1["seconds_per_step"] = round(stage1["seconds"] / max(stage1["steps"], 1), 2)
+    stage1["seconds_per_step"] = round(stage1["seconds"] / max(step, 1), 2)
     log["stage1"] = stage1
     log["train_seconds"] = round(time.time() - start, 1)
     save_file(projector_state(model), str(out / PROJECTOR_FILE))
+    if deltas is not None:  # bfloat16 halves the file; the merged model scores the same (docs)
+        deltas.remove()
+        save_file({k: v if k == "scale" else v.to(torch.bfloat16) for k, v in deltas.state().items()}, str(out / LM_DELTA_FILE))
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
@@ -515,11 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--train", type=Path, metavar="OUT", help="train a projector into OUT")
     what.add_argument("--eval", action="store_true", help="evaluate the shipped model on the test split")
     parser.add_argument("--n", type=int, default=100, help="--eval: scenes per task")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--stage0-steps", type=int, default=1500)
-    parser.add_argument("--n-scenes", type=int, default=384)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lm-rank", type=int, default=8, help="rank of the LM updates (0: projector only)")
+    parser.add_argument("--lm-lr", type=float, default=5e-4)
+    parser.add_argument("--stage0-steps", type=int, default=3000)
+    parser.add_argument("--n-scenes", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock cap of the training stages")
@@ -536,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
                           "seconds": round(time.time() - start, 1)}, indent=1))
         return 0
     log = train_projector(args.train, n_scenes=args.n_scenes, stage0_steps=args.stage0_steps, steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                          batch_size=args.batch_size, lr=args.lr, lm_rank=args.lm_rank, lm_lr=args.lm_lr,
+                          seed=args.seed, threads=args.threads,
                           max_minutes=args.max_minutes)
     print(json.dumps({k: v for k, v in log.items() if k != "stage1"}, indent=1))
     return 0
