@@ -505,3 +505,53 @@ def test_gram_path_many_copies_cost_no_quadratic_pairs() -> None:
     torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(x)), rtol=1e-12, atol=0)
     assert got[0, 0] > 0 and (got[[1, *range(31, 71)], :2] == 0).all() and (got[[4, 5, 71, 72], 0] == 0).all()
     assert twonn(torch.tensor(x)) == twonn(drop_duplicate_rows(torch.tensor(x)))
+
+
+def test_gram_path_on_row_blocks_equals_the_joined_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """estimate_ids hands the Gram path its captured batches unjoined: same distances, same IDs."""
+    from vlprune.plugins import _neighbours
+    from vlprune.plugins._neighbours import NeighbourStats, gram_knn_parts, knn_distances
+
+    x = torch.tensor(_wide_data(48, 12_000, 35), dtype=torch.float32)  # with copies (rows 48.. repeat 0..2, 5)
+    parts = [x[:7], x[7:30], x[30:]]
+    joins: list[int] = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: (joins.append(len(ts)), real_cat(ts, *a, **k))[1])
+    got = gram_knn_parts(parts, 2, stats=(stats := NeighbourStats()))
+    monkeypatch.undo()
+    assert stats.path == "gram" and joins  # the copies need the rows: joined once
+    torch.testing.assert_close(got, knn_distances(x, 2), rtol=0, atol=0)
+    torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(x.double().numpy())), rtol=1e-12, atol=0)
+    # distinct rows: nothing is recomputed, the blocks are never joined
+    distinct = x[:48]
+    joins.clear()
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: (joins.append(len(ts)), real_cat(ts, *a, **k))[1])
+    got = gram_knn_parts([distinct[:20], distinct[20:]], 2, stats=(stats := NeighbourStats()))
+    monkeypatch.undo()
+    assert not joins and stats.recheck_pairs == 0
+    torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(distinct.double().numpy())), rtol=1e-12, atol=0)
+    # float16 storage reads exactly too
+    half = [p.half() for p in (distinct[:20], distinct[20:])]
+    torch.testing.assert_close(gram_knn_parts(half, 2), knn_distances(torch.cat(half).float(), 2), rtol=1e-12, atol=0)
+    with pytest.raises(DataError, match="one width"):
+        gram_knn_parts([x[:10], x[10:, :100]])
+    with pytest.raises(DataError, match="at least 3 points"):
+        gram_knn_parts([x[:2]])
+    assert _neighbours.uses_gram_path(48, 12_000)
+
+
+def test_estimate_ids_reads_gram_path_batches_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlprune.plugins import intrinsic_dim
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 8192))
+    batches = [{"x": torch.randn(8, 16) * (1 + i)} for i in range(4)]
+    calls: list[int] = []
+    real = intrinsic_dim.gram_knn_parts
+    monkeypatch.setattr(intrinsic_dim, "gram_knn_parts", lambda parts, k=2: (calls.append(len(parts)), real(parts, k))[1])
+    prof = estimate_ids(model, [b["x"] for b in batches], n_samples=32, modules=["0", "2"], progress=False)
+    assert calls == [4, 4]  # both modules, 4 captured batches each, unjoined
+    monkeypatch.undo()
+    for name in ("0", "2"):
+        rows = torch.cat([model.get_submodule(name)(b["x"]) if name == "0" else model(b["x"]) for b in batches]).detach()
+        assert prof[name] == pytest.approx(twonn(rows), rel=1e-9)

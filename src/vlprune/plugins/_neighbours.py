@@ -53,7 +53,7 @@ import torch
 
 from vlprune.errors import DataError
 
-__all__ = ["NeighbourStats", "knn_distances", "centred_copy", "working_bytes", "uses_gram_path"]
+__all__ = ["NeighbourStats", "knn_distances", "gram_knn_parts", "centred_copy", "working_bytes", "uses_gram_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,9 @@ BLOCK_ELEMENTS = 1024 * 1024
 EXACT_ELEMENTS = 24 * 1024
 #: above this error constant the float32 bound cannot certify anything useful: search in float64
 _MAX_C = 0.01
-#: float64 values of one column block of the Gram path (32 MB): one GEMM each
-WIDE_ELEMENTS = 4 * 1024 * 1024
+#: float64 values of one column block of the Gram path (8 MB: the conversion writes into cache and
+#: the GEMM reads it there; 32 MB blocks made the whole path 1.7x slower at N=256, D=98k)
+WIDE_ELEMENTS = 1024 * 1024
 #: most rows for the Gram path (its few N x N float64 matrices stay under 40 MB each)
 GRAM_MAX_ROWS = 2048
 #: per-value cost of the search path's passes (augmented copies, float64 recomputation), in
@@ -444,11 +445,47 @@ def _sub_width(rows: int, device: torch.device) -> int:
 
 def _column_width(n: int, device: torch.device) -> int:
     """Columns per block of the Gram path: the (rows x columns) float64 block near
-    ``WIDE_ELEMENTS`` values (32 MB, on any device), at least 64 columns."""
+    ``WIDE_ELEMENTS`` values (8 MB, on any device), at least 64 columns."""
     return max(64, WIDE_ELEMENTS // max(1, n))
 
 
-def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
+def gram_knn_parts(parts: list[torch.Tensor], k: int = 2, stats: NeighbourStats | None = None) -> torch.Tensor:
+    """:func:`knn_distances` on the Gram path for rows held as row blocks (e.g. one per captured
+    batch), without joining them first: pass 1 reads each block's columns in place, and the blocks
+    are joined only if some pair needs its exact distance recomputed (close points, copies).
+
+    Args:
+        parts: (rows_b, D) tensors of one width, any float dtype, in row order.
+        k: number of neighbours.
+        stats: filled in with what the search did, if given.
+
+    Returns:
+        (sum rows_b, k) float64 distances, as :func:`knn_distances` on ``torch.cat(parts)``.
+
+    Raises:
+        DataError: NaN or Inf in the rows, blocks of different widths, fewer than ``k + 1`` rows.
+    """
+    if not parts or len({int(b.shape[1]) for b in parts}) != 1:
+        raise DataError("gram_knn_parts needs at least one row block, all of one width")
+    if sum(int(b.shape[0]) for b in parts) < k + 1:
+        raise DataError(f"need at least {k + 1} points for {k} nearest neighbours")
+    return _gram_knn(parts, k, stats if stats is not None else NeighbourStats())
+
+
+class _Joined:
+    """The rows of a list of row blocks, joined (one copy) the first time they are needed."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self._x: torch.Tensor | None = parts[0] if len(parts) == 1 else None
+
+    def __call__(self) -> torch.Tensor:
+        if self._x is None:
+            self._x = torch.cat(self.parts)
+        return self._x
+
+
+def _gram_knn(x: torch.Tensor | list[torch.Tensor], k: int, stats: NeighbourStats) -> torch.Tensor:
     """The ``k`` nearest distances of few wide rows: one float64 Gram pass, certified values.
 
     Pass 1 shifts ``x`` by the float64 mean of its first :data:`GRAM_SHIFT_ROWS` rows (any shift
@@ -469,19 +506,25 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     distance is within ``tol / 2`` relative of the float64 distance to the true ``k``-th nearest
     row (below the float32 rounding of the activations themselves), and exact copies come out as
     exactly 0."""
-    n, dim = x.shape
-    device = x.device
+    parts = x if isinstance(x, list) else [x]
+    joined = _Joined(parts)
+    n, dim = sum(int(b.shape[0]) for b in parts), int(parts[0].shape[1])
+    device = parts[0].device
     const = _error_constant(dim, torch.float64, device)
     stats.rows, stats.search_dtype, stats.error_constant, stats.path = n, torch.float64, const, "gram"
     width = min(dim, _column_width(n, device))
-    shift = x[: min(n, GRAM_SHIFT_ROWS)].to(torch.float64).mean(dim=0)
+    head = parts[0] if parts[0].shape[0] >= min(n, GRAM_SHIFT_ROWS) else joined()
+    shift = head[: min(n, GRAM_SHIFT_ROWS)].to(torch.float64).mean(dim=0)
     flat = torch.empty(n * width, dtype=torch.float64, device=device)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     half = n // 2
     for c0 in range(0, dim, width):
         c1 = min(dim, c0 + width)
         block = flat[: n * (c1 - c0)].view(n, -1)
-        torch.sub(x[:, c0:c1], shift[c0:c1], out=block)  # float32 -> float64 exactly, one rounding
+        r0 = 0
+        for part in parts:  # exact float64 of each value, minus the shift: one rounding
+            torch.sub(part[:, c0:c1], shift[c0:c1], out=block[r0 : r0 + part.shape[0]])
+            r0 += part.shape[0]
         if half >= 32:  # rows [:half] against all, rows [half:] against themselves: 3/4 of the GEMM
             gram[:half].addmm_(block[:half], block.T)
             gram[half:, half:].addmm_(block[half:], block[half:].T)
@@ -490,7 +533,7 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     if half >= 32:
         gram[half:, :half] = gram[:half, half:].T
     if not bool(torch.isfinite(gram).all()):
-        if bool(torch.isfinite(x).all()):
+        if all(bool(torch.isfinite(b).all()) for b in parts):
             raise DataError("the data are too large for float64 sums (|x| ~ 1e154); rescale them")
         raise DataError("the data contain NaN or Inf values; the intrinsic dimension is undefined")
     s = gram.diagonal().clone()
@@ -505,7 +548,10 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     stats.rechecked = int((maybe.sum(dim=1) > k).sum())
     certified = maybe & (slack <= GRAM_RELATIVE_TOLERANCE * lower)  # lower > 0 there: no copies
     del slack
-    rep = _copies_of(x, lower <= 0)  # exact copies: one representative each (distance 0, no pass)
+    possible = lower <= 0
+    possible.fill_diagonal_(False)
+    # exact copies: one representative each (distance 0, no pass); the rows are read only if any
+    rep = _copies_of(joined(), possible) if bool(possible.any()) else torch.arange(n, device=device)
     del lower
     values = torch.full((n, n), float("inf"), dtype=torch.float64, device=device)
     i, j = certified.nonzero(as_tuple=True)
@@ -520,7 +566,7 @@ def _gram_knn(x: torch.Tensor, k: int, stats: NeighbourStats) -> torch.Tensor:
     stats.recheck_pairs = count
     if count:
         squares = torch.cat(
-            [_pair_squares(x, first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
+            [_pair_squares(joined(), first[p : p + GRAM_PAIR_CHUNK], second[p : p + GRAM_PAIR_CHUNK]) for p in range(0, count, GRAM_PAIR_CHUNK)]
         )
         values[first, second] = squares  # the exact value wins over a certified one of another copy
         values[second, first] = squares

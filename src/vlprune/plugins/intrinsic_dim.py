@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins import distributed, id_storage
-from vlprune.plugins._neighbours import knn_distances
+from vlprune.plugins._neighbours import gram_knn_parts, knn_distances, uses_gram_path
 from vlprune.plugins.capture import (
     ActivationCapture,
     ModuleSelector,
@@ -272,7 +272,7 @@ def twonn(
 
 
 def _twonn_counted(
-    x: torch.Tensor, discard_fraction: float, method: Estimator, chunk_size: int | None = None
+    x: torch.Tensor | list[torch.Tensor], discard_fraction: float, method: Estimator, chunk_size: int | None = None
 ) -> tuple[float, int]:
     """TwoNN on a validated 2-D tensor; also returns the number of distinct points used.
 
@@ -280,12 +280,17 @@ def _twonn_counted(
     exact first-neighbour distance is 0, so only those rows are compared, and the search is
     repeated on the distinct rows only when there were copies.
     """
-    n_in = x.shape[0]
+    n_in = sum(int(b.shape[0]) for b in x) if isinstance(x, list) else x.shape[0]
     if n_in < 3:
         raise DataError(f"TwoNN needs at least 3 distinct points, got {n_in} rows; give more calibration samples")
-    r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
+    if isinstance(x, list):  # row blocks of a Gram-path module (estimate_ids), read in place
+        r = gram_knn_parts(x, 2)
+    else:
+        r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
     suspects = (r[:, 0] == 0).nonzero().flatten()
     if suspects.numel():  # exact duplicates: keep the first copy of each and search again
+        if isinstance(x, list):
+            x = torch.cat(x).float()
         keep = torch.ones(n_in, dtype=torch.bool, device=x.device)
         keep[suspects] = False
         keep[suspects[_first_copies(x[suspects])]] = True
@@ -298,7 +303,7 @@ def _twonn_counted(
             )
         r = nearest_neighbour_distances(x, chunk_size=chunk_size, k=2)
     mu = r[:, 1] / r[:, 0]
-    return _fit(mu, discard_fraction, method), int(x.shape[0])
+    return _fit(mu, discard_fraction, method), int(r.shape[0])
 
 
 def twonn_block_average(
@@ -355,22 +360,40 @@ def twonn_block_average(
 
 
 # ---------------------------------------------------------------------------------------------
-def _layer_rows(store: RowStore, name: str) -> torch.Tensor:
+def _layer_rows(store: RowStore, name: str, parts_ok: bool = False) -> torch.Tensor | list[torch.Tensor]:
     """THE per-layer rows every estimate is computed from: (rows, features) float32, in RAM.
 
     The only place the captured rows of a module are read back (the store's RAM and disk copies
-    are freed here); a multi-process run gathers the ranks' rows at this point.
+    are freed here); a multi-process run gathers the ranks' rows at this point. With
+    ``parts_ok`` (one process, a module on the Gram path, batches of one width) the stored
+    batches come back as a list of row blocks, not joined (:func:`~vlprune.plugins._neighbours.gram_knn_parts`
+    reads them in place: joining 9.5 GB of rows cost 1.3 s on real SmolLM2).
     """
+    reducer = store[name]
+    if parts_ok and not distributed.is_active() and uses_gram_path(reducer.rows, reducer.width):
+        parts = list(reducer._stored_chunks())
+        if len({int(b.shape[1]) for b in parts}) == 1:
+            store.release(name)
+            return parts
     rows = store.rows(name)
-    keep = store[name].n_samples
+    keep = reducer.n_samples
     store.release(name)
     if distributed.is_active():  # every rank's rows in rank order: the first n_samples of the union
         rows = distributed.gather_rows(rows)[:keep]
     return rows
 
 
+def _n_rows(rows: torch.Tensor | list[torch.Tensor] | SpillingRows) -> int:
+    """Rows of a module's rows in any of the forms :func:`_layer_rows` returns."""
+    if isinstance(rows, SpillingRows):
+        return rows.rows
+    if isinstance(rows, list):
+        return sum(int(b.shape[0]) for b in rows)
+    return int(rows.shape[0])
+
+
 def _layer_estimate(
-    rows: torch.Tensor | SpillingRows,
+    rows: torch.Tensor | list[torch.Tensor] | SpillingRows,
     name: str,
     n_samples: int,
     representation: str,
@@ -384,7 +407,7 @@ def _layer_estimate(
     ``rows`` is the (rows, features) tensor (:func:`_layer_rows`), or, for a module whose
     distance step does not fit the budget, its store, estimated column block by column block
     (:func:`vlprune.plugins.id_streamed.streamed_twonn`) within ``budget_bytes``."""
-    n_rows = rows.rows if isinstance(rows, SpillingRows) else int(rows.shape[0])
+    n_rows = _n_rows(rows)
     try:
         if n_rows < MIN_SAMPLES:
             raise DataError(
@@ -562,8 +585,8 @@ def estimate_ids(
             logger.info("estimate_ids: %d module(s) estimated column block by column block within the budget", len(over))
         for name in tqdm(names, desc="intrinsic dimension", disable=not progress):
             width = reducers[name].width
-            rows = reducers[name] if name in over else _layer_rows(store, name)
-            seen[name] = rows.rows if isinstance(rows, SpillingRows) else int(rows.shape[0])
+            rows = reducers[name] if name in over else _layer_rows(store, name, parts_ok=not n_blocks)
+            seen[name] = _n_rows(rows)
             value, n_distinct = _layer_estimate(
                 rows, name, n_samples, representation, estimator, discard_fraction, n_blocks, reserve
             )
