@@ -108,18 +108,19 @@ QUICK_MODELS: dict[str, dict[str, Any]] = {
     },
 }
 VISION_CRITERIA = ["id_profile", "taylor_idw_step", "amp_importance", "amp_width_search", "layer_similarity", "divprune"]
-LLAVA_CRITERIA = ["id_profile", "layer_similarity", "divprune"]
-# sample counts per model (``default``) and per criterion where they differ: TwoNN needs >= 8 samples;
-# a LLaVA-1B sample costs ~20 s of forward on the shared 2-core machine, so LLaVA runs 2 / 4 (ID: 8)
+LLAVA_CRITERIA = ["id_profile", "taylor_idw_step", "amp_importance", "layer_similarity", "divprune"]
+# sample counts per model (``default``) and per criterion where they differ: TwoNN needs >= 8 samples
+# (the ID profile, and the profile the Taylor step weights by); a LLaVA-1B sample costs ~20 s of
+# forward on the shared 2-core machine, so LLaVA runs 2 / 4 (ID: 8 / 16, Taylor: 8)
 SAMPLES: dict[str, dict[str, list[int]]] = {
     "clip-vit-b16": {"default": [8, 16]},
     "clip-vit-l14": {"default": [8, 16]},
-    "llava-1b": {"default": [2, 4], "id_profile": [8]},
+    "llava-1b": {"default": [2, 4], "id_profile": [8, 16], "taylor_idw_step": [8]},
 }
 QUICK_SAMPLES: dict[str, dict[str, list[int]]] = {
     "tiny-vit-a": {"default": [8, 16]},
     "tiny-vit-b": {"default": [8, 16]},
-    "tiny-llava": {"default": [4, 8], "id_profile": [8]},
+    "tiny-llava": {"default": [4, 8], "id_profile": [8], "taylor_idw_step": [8]},
 }
 
 

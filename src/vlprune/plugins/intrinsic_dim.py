@@ -488,18 +488,21 @@ def estimate_ids(
     (``MemAvailable``; 2 GB where that is unknown), and rows also go to disk once the available
     memory falls below a quarter of its starting value (other processes growing meanwhile).
     Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample) over 256 samples x 64
-    tokens: see docs/benchmarks.md (scale section) for the measured cost against one plain
-    forward pass.
+    tokens on 2 idle CPU cores: 1.72x one plain forward pass over the same batches (25.5 s vs
+    14.8 s, all 9.7 GB of rows in RAM; 3.1x with ``max_memory_mb=2048``, 7.7 GB spilled;
+    docs/benchmarks.md, scale section).
 
     The estimate is exact for the chosen representation: every stored row enters the
     nearest-neighbour search. ``sketch_dim`` trades that for memory: each batch's rows are
     projected in the capture hook to ``sketch_dim`` values by a seeded sparse sign (sparse
     Johnson-Lindenstrauss) projection (:class:`vlprune.plugins.id_sketch.SparseSignSketch`), so a
     module keeps ``n_samples x sketch_dim`` values. Measured error against the exact estimate on
-    real SmolLM2-135M activations (flatten rows of 12 288 to 98 304 values; 64 samples x 64
-    tokens, the 42 linears of the first 6 layers; relative error of a layer's ID, median / 90th
-    percentile / max): ``sketch_dim=256``: 5.3% / 10.7% / 26%; ``sketch_dim=1024``: 3.5% / 9.5% /
-    13%; the mean signed error is +1% (``benchmarks/bench_id_scale.py``; docs/benchmarks.md).
+    real SmolLM2-135M activations (flatten rows of 12 288 to 98 304 values; relative error of a
+    layer's ID, median / 90th percentile / max): 256 samples x 64 tokens, all 210 linears:
+    ``sketch_dim=256``: 3.9% / 7.3% / 13%, ``1024``: 1.3% / 3.2% / 5.9%, ``4096``: 0.6% / 1.6% /
+    2.3% (mean signed +3.6%, +1.1%, +0.3%); 64 samples, the 42 linears of the first 6 layers:
+    ``256``: 5.3% / 10.7% / 26%, ``1024``: 3.5% / 9.5% / 13% (``benchmarks/bench_id_scale.py``;
+    docs/benchmarks.md).
     It is no substitute for the exact estimate when layers are compared closely.
 
     Args:
