@@ -213,3 +213,16 @@ def test_low_rank_updates_merge_to_what_the_hooks_compute() -> None:
                                    "layers.0.mlp.nope.B": torch.zeros(2, 1)})
     with pytest.raises(VLPruneError, match="an A and a B"):
         rl.merge_lm_deltas(model, {"scale": torch.tensor([1.0]), "layers.0.mlp.up_proj.A": torch.zeros(1, 2)})
+
+
+def test_load_passes_loader_options_and_names_unknown_ones() -> None:
+    with pytest.raises(VLPruneError, match=r"does not take \['attn'\]; it takes \['attn_implementation', 'checkpoint', 'expected_sha256'\]"):
+        real.load("llava-real", attn="eager")
+    with pytest.raises(VLPruneError, match="does not take"):
+        real.load("smollm2", attn_implementation="eager")
+
+
+@needs_real
+def test_load_with_eager_attention() -> None:
+    model = real.load("llava-real", attn_implementation="eager")
+    assert model.config.text_config._attn_implementation == "eager"

