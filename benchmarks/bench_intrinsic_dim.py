@@ -16,7 +16,8 @@ Method (the machine is a shared 2-core box, so absolute timings are noisy; read 
 
 * Time: for each comparison and thread count one fresh ``spawn`` subprocess runs every route
   once untimed (warm-up), then runs them alternately ``--repeats`` times (the route order
-  rotates every round), so all see the same load; the tables give each route's median time and
+  rotates every round, and each timed call starts after 0.3 s of idle cores, so that no route
+  inherits the previous one's still-spinning BLAS / OpenMP workers), so all see the same load; the tables give each route's median time and
   the ratio of the medians; the JSON also has every time and the median of the per-round ratios.
 * Threads: ``torch.set_num_threads`` plus ``OMP/OPENBLAS/MKL/BLIS_NUM_THREADS`` set before numpy
   and torch are imported, so both libraries get the same number of threads.
@@ -224,6 +225,10 @@ def _twonn_runner(which: str, x: Any) -> Callable[..., float]:
     return lambda method="linear", n=None: fn(xt if n is None else xt[:n], method)
 
 
+#: idle seconds before each timed route (see :func:`_twonn_time_job`)
+QUIET_GAP_S = 0.3
+
+
 def _twonn_time_job(n: int, d: int, path: str, repeats: int, threads: int, queue: Any) -> None:
     """Makes the data (saved to ``path`` for the memory jobs), then times the routes alternately."""
     _limit_threads(threads)
@@ -239,6 +244,10 @@ def _twonn_time_job(n: int, d: int, path: str, repeats: int, threads: int, queue
     order = list(runs)
     for i in range(repeats):
         for w in order[i % len(order) :] + order[: i % len(order)]:  # rotate who goes first
+            # quiet cores: the previous route's BLAS / OpenMP workers spin for a while after their
+            # last call (OpenBLAS's for ~0.1 s), and on 2 cores a spinning worker halves the next
+            # route's speed: without this gap a route's time depended on which one ran before it
+            time.sleep(QUIET_GAP_S)
             start = time.perf_counter()
             runs[w]()
             times[w].append(time.perf_counter() - start)
