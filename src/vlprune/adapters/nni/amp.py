@@ -245,13 +245,13 @@ class AMPPruner(OneShotInFusion, L1NormPruner):
             config_list = amp_config_list(model, self.widths)
             if not config_list:  # search_widths has warned, with the fix
                 logger.warning("AMPPruner: the search kept every neuron, the config list is empty: NNI masks nothing")
-        # first linear -> (MLP name, metric per hidden neuron)
-        self._metric_of: dict[str, tuple[str, torch.Tensor]] = {}
+        # first linear (and gate) -> metric per hidden neuron of its MLP
+        self._metric_of: dict[str, torch.Tensor] = {}
         for name, layout in layouts.items():
             metric = amp.neuron_ranks(checked[name]) if rank else checked[name]
             for path in (layout.up, layout.gate):
                 if path:
-                    self._metric_of[path] = (name, metric)
+                    self._metric_of[path] = metric
         self._check_targets(model, config_list, set(self._metric_of))
         _init_nni(self, model, config_list, evaluator, existed_wrappers)
 
@@ -293,7 +293,7 @@ class AMPPruner(OneShotInFusion, L1NormPruner):
             if module_name not in self._metric_of:  # guarded at construction; kept for from_compressor misuse
                 raise ModelStructureError(f"{module_name} is not the first linear of a scored MLP; AMPPruner has no metric for it")
             for target_name in targets:
-                data.setdefault(module_name, {})[target_name] = self._metric_of[module_name][1]
+                data.setdefault(module_name, {})[target_name] = self._metric_of[module_name]
         return data
 
     def _calculate_metrics(self, data: _Data) -> _Data:
