@@ -101,11 +101,13 @@ def _check_tau(tau: float) -> float:
     return float(tau)
 
 
-def _check_embeddings(z: Any, what: str) -> torch.Tensor:
+def _check_embeddings(z: Any, what: str, min_rows: int = 2) -> torch.Tensor:
+    """``z`` if it is a ``(batch, dim)`` float tensor of at least ``min_rows`` rows (a rank's shard
+    of the global batch may hold fewer: ``min_rows=0``)."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise DataError(f"{what} must be a float tensor of shape (batch, dim), got {shape}")
-    if z.shape[0] < 2:
+    if z.shape[0] < min_rows:
         raise DataError(
             f"{what} has a batch of {z.shape[0]}: the entropy of the similarity distribution is undefined "
             "over one sample; use batches of B >= 2 (the paper uses the global batch, hundreds of images)"
@@ -161,10 +163,7 @@ def sharded_entropy_objective(embeddings: torch.Tensor, tau: float = 0.05) -> to
     if not distributed.is_active():
         return entropy_objective(embeddings, tau)
     tau = _check_tau(tau)
-    z = embeddings
-    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise DataError(f"embeddings must be a float tensor of shape (batch, dim), got {shape}")
+    z = _check_embeddings(embeddings, "embeddings", min_rows=0)  # the global batch is checked below
     z = F.normalize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=-1)
     every = distributed.gather_rows(z, grad=torch.is_grad_enabled() and z.requires_grad)
     if every.shape[0] < 2:
