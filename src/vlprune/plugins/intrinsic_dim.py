@@ -488,9 +488,9 @@ def estimate_ids(
     (``MemAvailable``; 2 GB where that is unknown), and rows also go to disk once the available
     memory falls below a quarter of its starting value (other processes growing meanwhile).
     Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample) over 256 samples x 64
-    tokens on 2 idle CPU cores: 1.72x one plain forward pass over the same batches (25.5 s vs
-    14.8 s, all 9.7 GB of rows in RAM; 3.1x with ``max_memory_mb=2048``, 7.7 GB spilled;
-    docs/benchmarks.md, scale section).
+    tokens on 2 idle CPU cores: 1.7x to 2.4x one plain forward pass over the same batches
+    (median 2.2x over 5 runs; all 9.7 GB of rows in RAM; 3.1x with ``max_memory_mb=2048``, 7.7 GB
+    spilled; docs/benchmarks.md, section "``estimate_ids`` at real size").
 
     The estimate is exact for the chosen representation: every stored row enters the
     nearest-neighbour search. ``sketch_dim`` trades that for memory: each batch's rows are
