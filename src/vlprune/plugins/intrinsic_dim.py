@@ -523,7 +523,10 @@ def estimate_ids(
             it in from the model family).
         max_memory_mb: RAM for the captured rows and one module's distance step (None: half the
             available memory). At least one float32 row of the widest module.
-        storage_dtype: dtype of stored rows (float16 halves RAM and disk, and rounds the rows).
+        storage_dtype: dtype of stored rows (float16 / bfloat16 halve RAM and disk, and round the
+            rows). On real SmolLM2 at full size ``torch.bfloat16`` took 1.57x-1.73x a forward
+            against 2.43x-2.64x for float32 in the same runs, with layer IDs within 2.4e-5
+            (median) and 5.8e-3 (max) relative of the exact ones: the cheap way under 2x on CPU.
         sketch_dim: if set, sketch every module's rows to this many values (inexact; at most the
             narrowest module's row width).
         sketch_seed: seed of the sketch.
