@@ -522,8 +522,8 @@ def test_gram_path_on_row_blocks_equals_the_joined_rows(monkeypatch: pytest.Monk
     assert stats.path == "gram" and joins  # the copies need the rows: joined once
     torch.testing.assert_close(got, knn_distances(x, 2), rtol=0, atol=0)
     torch.testing.assert_close(got, torch.tensor(_exact_knn_reference(x.double().numpy())), rtol=1e-12, atol=0)
-    # distinct rows: nothing is recomputed, the blocks are never joined
-    distinct = x[:48]
+    # distinct rows beyond one column block: certified Gram distances, the blocks are never joined
+    distinct = torch.tensor(_wide_data(48, 30_000, 36)[:48], dtype=torch.float32)
     joins.clear()
     monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: (joins.append(len(ts)), real_cat(ts, *a, **k))[1])
     got = gram_knn_parts([distinct[:20], distinct[20:]], 2, stats=(stats := NeighbourStats()))

@@ -497,7 +497,8 @@ def _gram_knn(x: torch.Tensor | list[torch.Tensor], k: int, stats: NeighbourStat
     ``|d2_ij - |x_i - x_j|^2| <= c (n_i + n_j)^2 = e_ij`` with ``c`` of :func:`_error_constant` for
     float64 (``c ~ D 1.1e-16``: 7e-11 at ``D = 600k``). Row ``j`` can be among the ``k`` nearest of
     ``i`` only if ``d2_ij - e_ij`` is at most ``U_i``, the ``k``-th smallest ``d2_ij + e_ij`` of row
-    ``i``. Such a candidate's Gram value is used when the bound certifies it to
+    ``i``. On data larger than one column block (``N D > WIDE_ELEMENTS``), such a candidate's
+    Gram value is used when the bound certifies it to
     :data:`GRAM_RELATIVE_TOLERANCE` (``e_ij <= tol (d2_ij - e_ij)``; the ``k``-th smallest of values
     each within ``tol`` of the truth is within ``tol`` of the true ``k``-th smallest, so the row's
     distances are certified whichever candidates tie); the other candidates (points closer
@@ -546,7 +547,10 @@ def _gram_knn(x: torch.Tensor | list[torch.Tensor], k: int, stats: NeighbourStat
     lower = torch.sub(d2, slack).fill_diagonal_(float("inf"))
     maybe = lower <= bound[:, None]  # lower bound <= U_i
     stats.rechecked = int((maybe.sum(dim=1) > k).sum())
-    certified = maybe & (slack <= GRAM_RELATIVE_TOLERANCE * lower)  # lower > 0 there: no copies
+    if n * dim > WIDE_ELEMENTS:  # lower > 0 where certified: no copies
+        certified = maybe & (slack <= GRAM_RELATIVE_TOLERANCE * lower)
+    else:  # data within one block: recomputing every candidate costs less than a block, so do it
+        certified = torch.zeros_like(maybe)
     del slack
     possible = lower <= 0
     possible.fill_diagonal_(False)
