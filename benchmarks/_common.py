@@ -38,6 +38,18 @@ def macs_and_params(model: torch.nn.Module, example: Any) -> tuple[float, float]
     return float(macs), float(params)
 
 
+def save(out: Path, result: dict[str, Any], table: Callable[[dict[str, Any]], str],
+         plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write ``result`` to ``out`` (JSON), draw its plot (``out`` with ``.png``) and print its table
+    and where both went (the counterpart of :func:`redraw`)."""
+    out = Path(out)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+    seconds = f" in {result['seconds']:.0f} s" if isinstance(result.get("seconds"), (int, float)) else ""
+    print(f"wrote {out} and {out.with_suffix('.png')}{seconds}")
+
+
 def redraw(out: Path, table: Callable[[dict[str, Any]], str], plot: Callable[[dict[str, Any], Path], None]) -> int:
     """``--table``: print the table of the saved results ``out`` and redraw their plot (``out`` with
     ``.png``); returns the exit status."""

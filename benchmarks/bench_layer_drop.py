@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup  # noqa: E402
+from _common import quiet_cpu_setup, redraw, save  # noqa: E402
 
 import vlprune  # noqa: E402
 from vlprune.plugins import layer_similarity as ls  # noqa: E402
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the tables of an existing --out JSON and stop")
     args = parser.parse_args(argv)
     if args.table:
-        result = json.loads(Path(args.out).read_text())
-        print(table(result))
-        plot(result, Path(args.out).with_suffix(".png"))
-        return 0
+        return redraw(Path(args.out), table, plot)
     quiet_cpu_setup(args.threads)
 
     teacher = load(args.model)
@@ -136,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "scores_seconds": scores_s, "forward_seconds": forward_s, "rows": rows,
     }
     out = Path(args.out)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save(out, result, table, plot)
     return 0
 
 

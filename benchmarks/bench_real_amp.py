@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup, redraw  # noqa: E402
+from _common import quiet_cpu_setup, redraw, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: parameters per hidden neuron of a DINOv2-S MLP: a row of fc1 (384 + bias) and a column of fc2
@@ -294,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_cpu_setup(args.threads)
     torch.manual_seed(0)
     result = run(args)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wall time {result['seconds']:.0f} s; wrote {out} and {out.with_suffix('.png')}")
+    save(out, result, table, plot)
     return 0
 
 

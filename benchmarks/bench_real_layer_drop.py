@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup, redraw  # noqa: E402
+from _common import quiet_cpu_setup, redraw, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKINGS = ("math", "general", "mixed", "block_influence", "angular", "spacing", "random")
@@ -319,11 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_cpu_setup(args.threads)
     torch.manual_seed(0)
     result = run(args)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
+    save(out, result, table, plot)
     print(json.dumps(result["regime"], indent=1))
-    print(f"wall time {result['seconds']:.0f} s; wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup, redraw  # noqa: E402
+from _common import quiet_cpu_setup, redraw, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEPS = (6, 16)
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n_eval, args.keeps, args.variants = 8, [8, 32], ["divprune", "fastv K=2"]
     quiet_cpu_setup(args.threads)
     result = run(args)
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']} s")
+    save(out, result, table, plot)
     return 0
 
 

@@ -32,7 +32,6 @@ Writes docs/benchmarks_tokens.json and docs/benchmarks_tokens.png.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import quiet_cpu_setup, redraw  # noqa: E402
+from _common import quiet_cpu_setup, redraw, save  # noqa: E402
 
 from vlprune.adapters.hf.token_cost import measure_token_pruning, prefill_flops  # noqa: E402
 from vlprune.adapters.hf.token_pruning import prune_visual_tokens  # noqa: E402
@@ -258,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense": dense, "rows": rows, "flops": flops, "latency": latency,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out.write_text(json.dumps(result, indent=1))
-    plot(result, out.with_suffix(".png"))
-    print(table(result))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {result['seconds']} s")
+    save(out, result, table, plot)
     return 0
 
 
