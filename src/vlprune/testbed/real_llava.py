@@ -317,17 +317,18 @@ def load_llava_real(checkpoint: str | Path | None = None, attn_implementation: s
         raise VLPruneError(f"no trained projector at {path}; train one with `python -m vlprune.testbed.real_llava --train DIR`")
     from vlprune.testbed.real import sha256_file
 
-    expected = expected_sha256 or (PROJECTOR_SHA256 if checkpoint is None else None)
-    if expected is not None and (actual := sha256_file(path)) != expected:
-        raise VLPruneError(f"{path} is corrupt or truncated: sha256 {actual} != expected {expected}; "
-                           "reinstall vlprune or retrain with `python -m vlprune.testbed.real_llava --train DIR`")
+    def check(file: Path, expected: str | None) -> None:
+        if expected is not None and (actual := sha256_file(file)) != expected:
+            raise VLPruneError(f"{file} is corrupt or truncated: sha256 {actual} != expected {expected}; "
+                               "reinstall vlprune or retrain with `python -m vlprune.testbed.real_llava --train DIR`")
+
+    shipped = checkpoint is None
+    check(path, expected_sha256 or (PROJECTOR_SHA256 if shipped else None))
     delta_path = path.parent / LM_DELTA_FILE
-    delta_expected = LM_DELTA_SHA256 if checkpoint is None else None
-    if checkpoint is None and LM_DELTA_SHA256 is not None and not delta_path.is_file():
+    if shipped and LM_DELTA_SHA256 is not None and not delta_path.is_file():
         raise VLPruneError(f"{delta_path} is missing; reinstall vlprune")
-    if delta_path.is_file() and delta_expected is not None and (actual := sha256_file(delta_path)) != delta_expected:
-        raise VLPruneError(f"{delta_path} is corrupt or truncated: sha256 {actual} != expected {delta_expected}; "
-                           "reinstall vlprune or retrain with `python -m vlprune.testbed.real_llava --train DIR`")
+    if delta_path.is_file():
+        check(delta_path, LM_DELTA_SHA256 if shipped else None)
     model = _assemble(attn_implementation, init_projector=False)
     try:
         model.model.multi_modal_projector.load_state_dict(load_file(str(path)))
