@@ -223,6 +223,11 @@ class StoreRows:
         """The stored batches' rows, in arrival order."""
         return self._chunks
 
+    def stored_batches(self) -> list[torch.Tensor]:
+        """Each stored batch's rows as stored (``dtype``, unpadded: widths may differ), in arrival
+        order, without joining them as :meth:`result` does."""
+        return list(self._stored_chunks())
+
     def result(self) -> torch.Tensor:
         """(rows, features) tensor of the stored rows (float32)."""
         stored = self._stored_chunks()

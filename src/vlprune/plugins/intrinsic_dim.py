@@ -371,7 +371,7 @@ def _layer_rows(store: RowStore, name: str, parts_ok: bool = False) -> torch.Ten
     """
     reducer = store[name]
     if parts_ok and not distributed.is_active() and uses_gram_path(reducer.rows, reducer.width):
-        parts = list(reducer._stored_chunks())
+        parts = reducer.stored_batches()
         if len({int(b.shape[1]) for b in parts}) == 1:
             store.release(name)
             return parts
