@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +33,19 @@ def clip_model() -> torch.nn.Module:
 @pytest.fixture
 def llava_model() -> torch.nn.Module:
     return tiny_model("llava")
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def import_benchmarks(*names: str):
+    """Generator for a fixture: the benchmark scripts ``names`` imported from benchmarks/ (their
+    siblings, e.g. ``_common``, importable while the fixture lives), in order."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield tuple(importlib.import_module(n) for n in names)
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import import_benchmarks
 from tests.testbed.real_marks import needs_dinov2, needs_smollm2
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The two benchmark modules, imported from benchmarks/ (their siblings on sys.path)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_real_id_profile
-        import bench_real_platon
-
-        yield bench_real_id_profile, bench_real_platon
-    finally:
-        sys.path.remove(str(BENCH))
+    """The two benchmark modules, imported from benchmarks/."""
+    yield from import_benchmarks("bench_real_id_profile", "bench_real_platon")
 
 
 def _tiny_args(**over) -> argparse.Namespace:

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import import_benchmarks
 from tests.testbed.real_marks import needs_dinov2, needs_smollm2
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,15 +33,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def bench():
-    """The two benchmark modules, imported from benchmarks/ (their siblings on sys.path)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_real_amp
-        import bench_real_layer_drop
-
-        yield bench_real_amp, bench_real_layer_drop
-    finally:
-        sys.path.remove(str(BENCH))
+    """The two benchmark modules, imported from benchmarks/."""
+    yield from import_benchmarks("bench_real_amp", "bench_real_layer_drop")
 
 
 # ------------------------------------------------------------------------------------ no packages needed
