@@ -541,7 +541,7 @@ def test_gram_path_on_row_blocks_equals_the_joined_rows(monkeypatch: pytest.Monk
 
 
 def test_estimate_ids_reads_gram_path_batches_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlprune.plugins import intrinsic_dim
+    from vlprune.plugins import id_storage, intrinsic_dim
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 8192))
@@ -549,8 +549,23 @@ def test_estimate_ids_reads_gram_path_batches_in_place(monkeypatch: pytest.Monke
     calls: list[int] = []
     real = intrinsic_dim.gram_knn_parts
     monkeypatch.setattr(intrinsic_dim, "gram_knn_parts", lambda parts, k=2: (calls.append(len(parts)), real(parts, k))[1])
+    slabs: list[int] = []
+    estimated: list[int] = []
+    real_slab, real_counted = id_storage.anonymous_rows, intrinsic_dim._twonn_counted
+    monkeypatch.setattr(id_storage, "anonymous_rows", lambda *a: (s := real_slab(*a), slabs.append(s.data_ptr()))[0])
+    monkeypatch.setattr(
+        intrinsic_dim, "_twonn_counted", lambda x, *a: (estimated.append(x[0].data_ptr()), real_counted(x, *a))[1]
+    )
     prof = estimate_ids(model, [b["x"] for b in batches], n_samples=32, modules=["0", "2"], progress=False)
-    assert calls == [4, 4]  # both modules, 4 captured batches each, unjoined
+    # module 2 (32 x 8192 float32 = 1 MB, SLAB_MIN_BYTES): its slab holds the 4 batches and is
+    # estimated in place; module 0 (512 KB, ordinary allocations): its 4 batches, unjoined
+    assert id_storage.SLAB_MIN_BYTES == 2**20
+    assert calls == [4, 1] and len(slabs) == 1 and estimated[1] == slabs[0]
+    # without slabs (id_storage.SLAB_MIN_BYTES above the modules' rows): 4 blocks each, unjoined
+    monkeypatch.setattr(id_storage, "SLAB_MIN_BYTES", 2**40)
+    calls.clear()
+    again = estimate_ids(model, [b["x"] for b in batches], n_samples=32, modules=["0", "2"], progress=False)
+    assert calls == [4, 4] and len(slabs) == 1 and again.ids() == prof.ids()
     monkeypatch.undo()
     for name in ("0", "2"):
         rows = torch.cat([model.get_submodule(name)(b["x"]) if name == "0" else model(b["x"]) for b in batches]).detach()

@@ -201,12 +201,8 @@ class StoreRows:
             rows = rows[: self.n_samples - self._rows]
         if self.transform is not None:
             rows = self.transform(rows)
-        stored = rows.to(self.dtype).cpu()
-        if stored.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
-            # a view of the module's output: copy it, or an in-place op after the module (ReLU(inplace=True))
-            # would change the stored rows, and the view would keep the whole output alive
-            stored = stored.clone()
-        self._keep(stored)
+        shares_output = rows.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
+        self._keep(rows, shares_output)
         self._rows += rows.shape[0]
         self._width = max(self._width, rows.shape[1])
 
@@ -215,9 +211,23 @@ class StoreRows:
         """Widest row stored so far (0 before the first batch)."""
         return self._width
 
-    def _keep(self, chunk: torch.Tensor) -> None:
-        """Store one batch's rows (already in ``dtype``, on the CPU)."""
-        self._chunks.append(chunk)
+    def _owned(self, rows: torch.Tensor, shares_output: bool) -> torch.Tensor:
+        """``rows`` in ``dtype`` on the CPU, in memory of their own."""
+        stored = rows.to(self.dtype).cpu()
+        if shares_output and stored.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+            # a view of the module's output: copy it, or an in-place op after the module (ReLU(inplace=True))
+            # would change the stored rows, and the view would keep the whole output alive
+            stored = stored.clone()
+        return stored
+
+    def _keep(self, rows: torch.Tensor, shares_output: bool) -> None:
+        """Store one batch's rows (float32, or the transform's output; on the model's device).
+
+        Args:
+            rows: the rows to keep.
+            shares_output: ``rows`` is a view of the module's output (it must be copied).
+        """
+        self._chunks.append(self._owned(rows, shares_output))
 
     def _stored_chunks(self) -> list[torch.Tensor]:
         """The stored batches' rows, in arrival order."""

@@ -366,15 +366,22 @@ def _layer_rows(store: RowStore, name: str, parts_ok: bool = False) -> torch.Ten
     The only place the captured rows of a module are read back (the store's RAM and disk copies
     are freed here); a multi-process run gathers the ranks' rows at this point. With
     ``parts_ok`` (one process, a module on the Gram path, batches of one width) the stored
-    batches come back as a list of row blocks, not joined (:func:`~vlprune.plugins._neighbours.gram_knn_parts`
-    reads them in place: joining 9.5 GB of rows cost 1.3 s on real SmolLM2).
+    blocks come back as a list, not joined (:func:`~vlprune.plugins._neighbours.gram_knn_parts`
+    reads them in place: joining 9.5 GB of rows cost 1.3 s on real SmolLM2): usually ONE block,
+    the module's slab (:func:`~vlprune.plugins.id_storage.anonymous_rows`), which is also
+    returned as it is (float32 storage) to the other paths.
     """
     reducer = store[name]
-    if parts_ok and not distributed.is_active() and uses_gram_path(reducer.rows, reducer.width):
+    if not distributed.is_active():
         parts = reducer.stored_batches()
         if len({int(b.shape[1]) for b in parts}) == 1:
-            store.release(name)
-            return parts
+            if parts_ok and uses_gram_path(reducer.rows, reducer.width):
+                store.release(name)
+                return parts
+            if len(parts) == 1:  # one block (the module's slab, id_storage.anonymous_rows): no copy
+                store.release(name)
+                return parts[0].float()
+        del parts
     rows = store.rows(name)
     keep = reducer.n_samples
     store.release(name)
