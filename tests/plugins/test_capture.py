@@ -184,3 +184,94 @@ def test_convolution_outputs_reduce_over_positions_with_channels_as_features() -
     means = capture(model, [batch], ["c2", "c1"], lambda n: ChannelMean(), progress=False)
     torch.testing.assert_close(means["c2"].float(), y.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(means["c1"].float(), z.mean(dim=(0, 2)))
+
+
+# ------------------------------------------------------------------ cut forwards
+class _Routed(nn.Module):
+    """``a`` then ``b`` (and then an expensive ``tail``), except that a batch with a negative
+    first value runs ``b`` first: the order of the hooked calls depends on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.tail = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x)) if float(x[0, 0]) >= 0 else self.a(self.b(x))
+        return self.tail(h)
+
+
+def _tail_calls(model: nn.Module, tail: str) -> list[int]:
+    calls = [0]
+    model.get_submodule(tail).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_cut_forwards_skip_what_follows_the_last_hooked_module() -> None:
+    torch.manual_seed(0)
+    model = _Routed()
+    batches = [torch.randn(5, 4).abs() for _ in range(4)]
+    tail = _tail_calls(model, "tail")
+    whole = capture(model, batches, ["a", "b"], lambda n: StoreRows("flatten"), progress=False)
+    assert tail[0] == 4
+    tail[0] = 0
+    with ActivationCapture(model, ["a", "b"], lambda n: StoreRows("flatten")) as cap:
+        cap.run(batches[:1], progress=False, cut=True)  # the first whole forward: the plan
+        cap.run(batches[1:], progress=False, cut=True)
+        cut = cap.results()
+    assert tail[0] == 1  # only the first batch ran whole
+    assert all(torch.equal(cut[n], whole[n]) for n in ("a", "b"))
+
+
+def test_a_batch_that_strays_from_the_first_order_runs_whole() -> None:
+    torch.manual_seed(0)
+    model = _Routed()
+    batches = [torch.randn(5, 4).abs() for _ in range(3)]
+    batches[1][0, 0] = -1.0  # b before a: not the plan's order
+    tail = _tail_calls(model, "tail")
+    whole = capture(model, batches, ["a", "b"], lambda n: StoreRows("flatten"), progress=False)
+    tail[0] = 0
+    with ActivationCapture(model, ["a", "b"], lambda n: StoreRows("flatten")) as cap:
+        cap.run(batches, progress=False, cut=True)
+        cut = cap.results()
+    assert tail[0] == 2  # the first batch and the stray one
+    assert all(torch.equal(cut[n], whole[n]) for n in ("a", "b"))
+
+
+class _Shared(nn.Module):
+    """One hooked module called twice per forward, inside model code that catches Exception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+        self.tail = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            h = self.block(torch.tanh(self.block(x)))
+        except Exception:  # model code like this must not swallow the cut
+            h = x
+        return self.tail(h)
+
+
+def test_a_module_called_twice_is_cut_after_its_second_call() -> None:
+    torch.manual_seed(0)
+    model = _Shared()
+    batches = [torch.randn(4, 3) for _ in range(3)]
+    tail = _tail_calls(model, "tail")
+    whole = capture(model, batches, ["block"], lambda n: StoreRows("flatten"), progress=False)
+    tail[0] = 0
+    with ActivationCapture(model, ["block"], lambda n: StoreRows("flatten")) as cap:
+        cap.run(batches, progress=False, cut=True)
+        cut = cap.results()["block"]
+    assert tail[0] == 1 and cut.shape == (24, 3)  # two calls per batch, the tail once
+    assert torch.equal(cut, whole["block"])
+
+
+def test_cut_needs_no_grad() -> None:
+    from vlprune import VLPruneError
+
+    with ActivationCapture(_Toy(), ["a"], lambda n: ChannelMean()) as cap:
+        with pytest.raises(VLPruneError, match="grad=False"):
+            cap.run([torch.randn(2, 4)], grad=True, cut=True)

@@ -353,3 +353,20 @@ def test_twonn_on_sketched_rows_equals_estimate_ids_on_them() -> None:
     assert ours == twonn(rows)
     assert np.isfinite(ours)
     logging.getLogger(__name__).info("sketched ID %.3f", ours)
+
+
+def test_profiling_a_vision_tower_leaves_the_language_model_out_after_the_first_batch() -> None:
+    """estimate_ids cuts each forward after the last profiled module (ActivationCapture.run
+    ``cut``): a LLaVA profiled on its vision tower runs its language model for the first batch
+    only, and the IDs equal those of whole forwards."""
+    model = tiny_model("llava")
+    batches = batches_for("llava", n_batches=4, batch_size=16)
+    lm_calls = [0]
+    model.model.language_model.register_forward_pre_hook(lambda *_: lm_calls.__setitem__(0, lm_calls[0] + 1))
+    tower = "model.vision_tower.encoder.layers.*.mlp.fc*"
+    cut = estimate_ids(model, batches, tower, n_samples=64, progress=False)
+    assert lm_calls[0] == 1
+    lm_calls[0] = 0
+    whole = estimate_ids(model, batches, tower, n_samples=64, full_forward=True, progress=False)
+    assert lm_calls[0] == 4
+    assert cut.ids() == whole.ids() and len(cut.ids()) == 4

@@ -444,6 +444,12 @@ def iterate_batches(batches: Iterable[Any]) -> list[Any]:
     return out
 
 
+class _ForwardCut(BaseException):
+    """Raised by a hook to stop a forward whose remaining part is not needed
+    (:meth:`ActivationCapture.run` with ``cut=True``). A ``BaseException``, so that model code
+    catching ``Exception`` lets it through."""
+
+
 class ActivationCapture:
     """Context manager hooking ``modules`` of ``model`` and feeding one reducer per module.
 
@@ -470,22 +476,40 @@ class ActivationCapture:
         self.reducers: dict[str, Reducer] = {n: reducer_factory(n) for n in self.names}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None
+        # cut forwards (run(cut=True)): the hooked modules' calls in the first whole forward, in
+        # order, and the calls seen so far in the current batch (None: not cutting this batch)
+        self._plan: list[str] | None = None
+        self._calls: list[str] | None = None
 
     def _hook(self, name: str) -> Callable[..., None]:
         reducer = self.reducers[name]
 
         def hook(module: nn.Module, _inputs: Any, output: Any) -> None:
             tensor = first_tensor(output)
-            if tensor is None:
-                return
-            if isinstance(module, nn.modules.conv._ConvNd) and tensor.dim() >= 3:
-                # (B, C, *spatial) -> (B, *spatial, C): positions are tokens, channels features;
-                # a text padding mask never applies to them
-                reducer.update(tensor.movedim(1, -1), None)
-                return
-            reducer.update(tensor, self._mask)
+            if tensor is not None:
+                if isinstance(module, nn.modules.conv._ConvNd) and tensor.dim() >= 3:
+                    # (B, C, *spatial) -> (B, *spatial, C): positions are tokens, channels features;
+                    # a text padding mask never applies to them
+                    reducer.update(tensor.movedim(1, -1), None)
+                else:
+                    reducer.update(tensor, self._mask)
+            if self._calls is not None:
+                self._follow(name)
 
         return hook
+
+    def _follow(self, name: str) -> None:
+        """Record a hooked call of the current batch; stop the forward after the last one the
+        plan has (while the calls follow the plan; a batch that strays from it runs whole)."""
+        calls = self._calls
+        assert calls is not None
+        plan = self._plan
+        if plan is not None and (len(calls) >= len(plan) or plan[len(calls)] != name):
+            self._calls = None  # not the first batch's sequence: no cut for this batch
+            return
+        calls.append(name)
+        if plan is not None and len(calls) == len(plan):
+            raise _ForwardCut
 
     def __enter__(self) -> ActivationCapture:
         modules = dict(self.model.named_modules())
@@ -514,6 +538,7 @@ class ActivationCapture:
         progress: bool = True,
         stop_when: Callable[[], bool] | None = None,
         desc: str = "capture",
+        cut: bool = False,
     ) -> int:
         """Run the model over ``batches`` in eval mode (mode restored after).
 
@@ -523,19 +548,37 @@ class ActivationCapture:
             progress: show a tqdm bar.
             stop_when: checked after each batch; True stops early (e.g. every reducer full).
             desc: progress-bar label.
+            cut: stop each forward right after the last hooked module has run (its output is
+                not needed, only the hooked outputs are). The first whole forward (of this or an
+                earlier ``run(cut=True)``) records the order of the hooked modules' calls; a later
+                batch is cut after the last of them only while its calls follow that order
+                exactly, and runs whole otherwise (e.g. input-dependent routing). The rest of the
+                model (a language model's head, a VLM's language model after a profiled vision
+                tower) is skipped. Only without ``grad``.
 
         Returns:
             Number of samples seen.
+
+        Raises:
+            VLPruneError: ``cut`` with ``grad``.
         """
+        if cut and grad:
+            raise VLPruneError("run(cut=True) stops forwards early, which leaves nothing to backpropagate; use grad=False")
         seen = 0
         items = iterate_batches(batches)
         with preserved_mode(self.model, training=False), torch.set_grad_enabled(grad):
             for batch in tqdm(items, desc=desc, disable=not progress, leave=False):
                 self._mask = batch_mask(batch)
+                self._calls = [] if cut else None
                 try:
                     call_model(self.model, batch)
+                    if cut and self._plan is None and self._calls is not None:
+                        self._plan = self._calls  # the first whole forward's sequence of hooked calls
+                except _ForwardCut:
+                    pass
                 finally:
                     self._mask = None
+                    self._calls = None
                 seen += _batch_size(batch)
                 if stop_when is not None and stop_when():
                     break

@@ -477,13 +477,18 @@ def estimate_ids(
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     spill_dir: str | Path | None = None,
+    full_forward: bool = False,
     progress: bool = True,
 ) -> IDProfile:
     """Intrinsic dimension of every chosen module's output.
 
     The model runs in eval mode without gradients (its mode is restored, its hooks removed, also
     when something fails). Cost: ONE forward pass over the batches (stopping as soon as every
-    module has ``n_samples`` rows), then one TwoNN estimate per module.
+    module has ``n_samples`` rows), then one TwoNN estimate per module. From the second batch
+    on, each forward stops right after the last profiled module has run (what comes after it,
+    e.g. a language model's head, 20% of SmolLM2-135M's forward, or a VLM's language model
+    behind a profiled vision tower, is not needed), as long as the profiled modules are called
+    in the order the first batch showed (:meth:`ActivationCapture.run` ``cut``).
 
     Memory: the rows of all modules (``n_samples`` x width each; width = tokens x channels for
     ``"flatten"``) are kept in RAM up to ``max_memory_mb`` (less the room one module's distance
@@ -539,6 +544,9 @@ def estimate_ids(
         sketch_seed: seed of the sketch.
         spill_dir: where the temporary directory for rows past the budget goes (default: the
             system temp directory).
+        full_forward: run every batch's whole forward (for a model whose profiled modules may
+            run again, later in the same forward, in a batch whose calls up to the last one
+            match the first batch's).
         progress: show progress bars.
 
     Returns:
@@ -555,7 +563,7 @@ def estimate_ids(
         >>> profile = estimate_ids(model, batches, n_samples=256, max_memory_mb=512)  # doctest: +SKIP
         >>> profile.ids()                                                             # doctest: +SKIP
     """
-    config = {k: v for k, v in locals().items() if k not in ("model", "batches", "max_memory_mb", "spill_dir", "progress")}
+    config = {k: v for k, v in locals().items() if k not in ("model", "batches", "max_memory_mb", "spill_dir", "full_forward", "progress")}
     with distributed.guard("estimate_ids", model=model, config=config):  # before any collective
         if n_samples < 3:
             raise VLPruneError(f"n_samples must be at least {MIN_SAMPLES} (the paper uses 2000), got {n_samples}")
@@ -576,10 +584,10 @@ def estimate_ids(
             for n in names
         }
         with distributed.guard("estimate_ids (capture)"), ActivationCapture(model, names, reducers.__getitem__) as cap:
-            cap.run(items[:1], progress=False)
+            cap.run(items[:1], progress=False, cut=not full_forward)
             reserve = check_first_batch(reducers, len(items), n_samples, budget_mb, store)
             if len(items) > 1 and not all(r.full for r in reducers.values()):
-                cap.run(items[1:], progress=progress, desc="estimate_ids: capture",
+                cap.run(items[1:], progress=progress, desc="estimate_ids: capture", cut=not full_forward,
                         stop_when=lambda: all(r.full for r in reducers.values()))
         logger.info(
             "estimate_ids: %d modules captured in one pass, %.0f MB in RAM and %.0f MB spilled to disk (budget %.0f MB)",
