@@ -91,6 +91,25 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     return out, {"seconds": seconds, "peak_rss_gb": mem.peak / 2**30, "peak_rss_increase_gb": (mem.peak - mem.start) / 2**30}
 
 
+def fresh_memory_rates(gb: int) -> list[float]:
+    """Fill ``gb`` GB of new anonymous memory, 1 GB at a time, and give it back; the GB/s of each
+    GB (first touch: page faults and zeroing). On a virtual machine whose host backs guest memory
+    on demand the first few GB are fast (pages the guest used recently) and the rest several times
+    slower; afterwards those pages are fast for a while (``--warm-gb``)."""
+    import mmap
+
+    mapping = mmap.mmap(-1, gb * 2**30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    values = torch.frombuffer(mapping, dtype=torch.float32).view(gb, -1)
+    rates = []
+    for i in range(gb):
+        t0 = time.perf_counter()
+        values[i].fill_(1.0)
+        rates.append(1.0 / (time.perf_counter() - t0))
+    del values
+    mapping.close()
+    return rates
+
+
 def smollm2_batches(n: int, seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """``n`` template passages (math and general alternating), each cut to ``seq_len`` tokens."""
     from vlprune.testbed import real, real_tasks
@@ -140,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sketch-dims", type=int, nargs="*", default=None)
     parser.add_argument("--skip-spill-run", action="store_true", help="leave out the max_memory_mb=2048 run")
+    parser.add_argument("--warm-gb", type=int, default=0,
+                        help="right before the profile, first touch and give back this many GB of memory "
+                             "(diagnostic: see fresh_memory_rates)")
     parser.add_argument("--out", type=Path, default=DOCS / "benchmarks_id_scale.json")
     args = parser.parse_args(argv)
     quiet_cpu_setup(args.threads)
@@ -172,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     available_gb = (available_memory_bytes() or 0) / 2**30
     budget_mb = default_budget_mb()
     print(f"forward: {before['seconds']:.1f} s; available memory {available_gb:.1f} GB -> default budget {budget_mb:.0f} MB", flush=True)
+    warm_rates = fresh_memory_rates(args.warm_gb) if args.warm_gb > 0 else []  # right before the profile
+    if warm_rates:
+        print("first touch, GB/s per GB: " + " ".join(f"{r:.1f}" for r in warm_rates), flush=True)
     exact, runs["profile_auto"] = spied_estimate(**common)
     print(f"profile_auto: {runs['profile_auto']}", flush=True)
     spill = None
@@ -186,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if key in runs:
             runs[key]["ratio_to_forward"] = runs[key]["seconds"] / forward_s
     sketches: dict[str, Any] = {}
+    runs["warm_gb"] = {"gb": args.warm_gb, "first_touch_gb_per_s": warm_rates}
     summary(args, n, modules, batches, available_gb, budget_mb, runs, spill, exact, sketches, wall0)
     for k in sketch_dims:
         sketched, stats = spied_estimate(**common, sketch_dim=k)
@@ -212,7 +238,8 @@ def summary(args: argparse.Namespace, n: int, modules: list[str], batches: list[
     widths = [exact.layers[m].features for m in modules]
     result = {
         "benchmark": "bench_id_scale",
-        "command": "python benchmarks/bench_id_scale.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/bench_id_scale.py" + (" --quick" if args.quick else "")
+        + (f" --warm-gb {args.warm_gb}" if args.warm_gb else ""),
         "model": "SmolLM2-135M-Instruct (vlprune.testbed.real.load('smollm2'))",
         "modules": len(modules),
         "n_samples": n,

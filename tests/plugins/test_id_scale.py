@@ -370,3 +370,19 @@ def test_profiling_a_vision_tower_leaves_the_language_model_out_after_the_first_
     whole = estimate_ids(model, batches, tower, n_samples=64, full_forward=True, progress=False)
     assert lm_calls[0] == 4
     assert cut.ids() == whole.ids() and len(cut.ids()) == 4
+
+
+def test_a_slab_is_sized_for_the_expected_batches_and_overflows_into_own_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    slabs: list[tuple[int, ...]] = []
+    real_slab = id_storage.anonymous_rows
+    monkeypatch.setattr(id_storage, "anonymous_rows", lambda *a: (t := real_slab(*a), slabs.append(tuple(t.shape)))[0])
+    torch.manual_seed(0)
+    outputs = [torch.randn(32, 8192) for _ in range(4)] + [torch.randn(40, 8192)]  # a fifth, larger batch
+    with RowStore(2**30, expected_batches=4) as store:
+        rows = store.reducer("m", "flatten", n_samples=1000)
+        for out in outputs:
+            rows.update(out, None)
+        assert slabs == [(128, 8192)]  # 4 batches of 32 rows, not n_samples = 1000
+        first, extra = rows.stored_batches()
+        assert first.shape == (128, 8192) and extra.shape == (40, 8192)
+        assert torch.equal(rows.result(), torch.cat(outputs))

@@ -215,11 +215,17 @@ class SpillingRows(StoreRows):
     Args:
         path: the module's spill file (created on the first spill).
         budget: the shared :class:`MemoryBudget`.
+        expected_batches: batches the capture will run, if known: the slab is sized for that
+            many batches like the first (at most ``n_samples`` rows) instead of ``n_samples``
+            rows (a later, larger batch that does not fit gets memory of its own).
         **kwargs: as :class:`~vlprune.plugins.capture.StoreRows`.
     """
 
-    def __init__(self, path: Callable[[], Path], budget: MemoryBudget, **kwargs: Any) -> None:
+    def __init__(
+        self, path: Callable[[], Path], budget: MemoryBudget, expected_batches: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self._batches = expected_batches
         self._path_of = path
         self._path: Path | None = None
         self._budget = budget
@@ -270,8 +276,10 @@ class SpillingRows(StoreRows):
         batch are ONE entry, so reading them back joins nothing."""
         n, width = int(rows.shape[0]), int(rows.shape[1])
         if self._slab is None and not self._entries and self.n_samples is not None:
-            if self.n_samples * width * self._itemsize >= SLAB_MIN_BYTES:
-                self._slab = anonymous_rows(self.n_samples, width, self.dtype)
+            # room for n_samples rows, or for as many batches like this one as there are
+            capacity = self.n_samples if self._batches is None else min(self.n_samples, n * self._batches)
+            if capacity * width * self._itemsize >= SLAB_MIN_BYTES:
+                self._slab = anonymous_rows(capacity, width, self.dtype)
         if self._slab is not None:
             filled = int(self._entries[0].shape[0]) if self._entries else 0
             if len(self._entries) <= 1 and width == self._slab.shape[1] and filled + n <= self._slab.shape[0]:
@@ -337,12 +345,19 @@ class RowStore:
         spill_dir: parent of the temporary directory (default: the system temp directory,
             ``$TMPDIR``).
         watch_available: see :class:`MemoryBudget` (what an automatic budget does).
+        expected_batches: batches the capture will run, if known (sizes the modules' slabs,
+            :class:`SpillingRows`).
     """
 
     def __init__(
-        self, budget_bytes: int, spill_dir: str | os.PathLike[str] | None = None, watch_available: bool = False
+        self,
+        budget_bytes: int,
+        spill_dir: str | os.PathLike[str] | None = None,
+        watch_available: bool = False,
+        expected_batches: int | None = None,
     ) -> None:
         self.budget = MemoryBudget(budget_bytes, watch_available)
+        self.expected_batches = expected_batches
         self._parent = Path(spill_dir) if spill_dir is not None else None
         self._dir: Path | None = None
         self._stores: dict[str, SpillingRows] = {}
@@ -382,6 +397,7 @@ class RowStore:
             self._stores[name] = SpillingRows(
                 self._new_path(len(self._stores)),
                 self.budget,
+                self.expected_batches,
                 representation=representation,
                 n_samples=n_samples,
                 dtype=dtype,

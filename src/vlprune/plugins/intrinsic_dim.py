@@ -499,10 +499,12 @@ def estimate_ids(
     budget. The default budget is half the memory available when the call starts
     (``MemAvailable``; 2 GB where that is unknown), and rows also go to disk once the available
     memory falls below a quarter of its starting value (other processes growing meanwhile).
-    Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample) over 256 samples x 64
-    tokens on 2 idle CPU cores: 1.7x to 2.4x one plain forward pass over the same batches
-    (median 2.2x over 5 runs; all 9.7 GB of rows in RAM; 3.1x with ``max_memory_mb=2048``, 7.7 GB
-    spilled; docs/benchmarks.md, section "``estimate_ids`` at real size").
+    Each module's rows in RAM live in one memory mapping of their own (returned to the system
+    when the profile returns). Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample)
+    over 256 samples x 64 tokens on 2 idle CPU cores: 1.80x to 1.97x one plain forward pass over
+    the same batches (median 1.93x over 5 runs; all 9.7 GB of rows in RAM; 2.6x with
+    ``max_memory_mb=2048``, 7.7 GB spilled; docs/benchmarks.md, section "``estimate_ids`` at
+    real size").
 
     The estimate is exact for the chosen representation: every stored row enters the
     nearest-neighbour search. ``sketch_dim`` trades that for memory: each batch's rows are
@@ -575,7 +577,9 @@ def estimate_ids(
     budget_mb = default_budget_mb() if max_memory_mb is None else float(max_memory_mb)
     layers: dict[str, LayerID] = {}
     seen: dict[str, int] = {}
-    with RowStore(int(budget_mb * 2**20), spill_dir, watch_available=max_memory_mb is None) as store:
+    with RowStore(
+        int(budget_mb * 2**20), spill_dir, watch_available=max_memory_mb is None, expected_batches=len(items)
+    ) as store:
         reducers = {
             n: store.reducer(
                 n, representation, n_samples, storage_dtype,
