@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from vlprune import ModelStructureError
+from vlprune import DataError, ModelStructureError
 from vlprune.plugins.capture import ActivationCapture, ChannelMean, StoreRows, capture, first_tensor, represent, resolve_modules
 
 
@@ -275,3 +275,23 @@ def test_cut_needs_no_grad() -> None:
     with ActivationCapture(_Toy(), ["a"], lambda n: ChannelMean()) as cap:
         with pytest.raises(VLPruneError, match="grad=False"):
             cap.run([torch.randn(2, 4)], grad=True, cut=True)
+
+
+@pytest.mark.parametrize("representation", ["flatten", "cls", "mean", "tokens"])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_outputs_are_stored_as_through_float32(representation: str, storage: torch.dtype) -> None:
+    """bf16 rows go to the store in their own dtype (no float32 temporary) and come out as the
+    float32 representation, rounded to the storage dtype, would."""
+    torch.manual_seed(0)
+    outputs = [torch.randn(3, 5, 4).bfloat16() for _ in range(2)]
+    masks = [torch.ones(3, 5), torch.ones(3, 5)]
+    masks[1][1, 3:] = 0
+    store = StoreRows(representation, dtype=storage)
+    for out, mask in zip(outputs, masks):
+        store.update(out, mask)
+    expected = torch.cat([represent(o.float(), representation, m) for o, m in zip(outputs, masks)]).to(storage).float()
+    assert torch.equal(store.result(), expected)
+    nan = outputs[0].clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN or Inf"):
+        StoreRows(representation).update(nan, None)

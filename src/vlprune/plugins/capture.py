@@ -100,7 +100,9 @@ def _matching_mask(output: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return mask.to(device=output.device, dtype=torch.bool)
 
 
-def represent(output: torch.Tensor, representation: Representation, mask: torch.Tensor | None = None) -> torch.Tensor:
+def represent(
+    output: torch.Tensor, representation: Representation, mask: torch.Tensor | None = None, *, native: bool = False
+) -> torch.Tensor:
     """Turn a module output into rows of points, in float32.
 
     Args:
@@ -111,24 +113,28 @@ def represent(output: torch.Tensor, representation: Representation, mask: torch.
             positions zeroed (the ID paper's choice); ``"cls"`` the first token; ``"mean"`` the mean
             over unpadded tokens; ``"tokens"`` one row per unpadded token.
         mask: (B, T) padding mask (1 = real token), applied only if its shape matches.
+        native: ``"flatten"`` and ``"cls"`` rows of a floating-point output keep its dtype (a
+            view where possible) for a caller that converts them while storing them: a bf16
+            model's float32 rows are then written once, not twice.
 
     Returns:
-        (rows, features) float32 tensor.
+        (rows, features) float32 tensor (with ``native``, possibly in the output's dtype).
     """
     x = output.detach()
+    keep = native and x.is_floating_point()
     if x.dim() == 1:
         x = x[:, None]
     if x.dim() == 2:
-        return x.float()
+        return x if keep else x.float()
     if x.dim() > 3:
         x = x.flatten(1, -2)  # every position between the batch and the channels is a token
     m = _matching_mask(x, mask)
     if representation == "flatten":
         if m is not None:
-            x = x * m[..., None].to(x.dtype)
-        return x.float().flatten(1)
+            x = x * m[..., None].to(x.dtype)  # exact: zeros and ones
+        return (x if keep else x.float()).flatten(1)
     if representation == "cls":
-        return x[:, 0].float()
+        return x[:, 0] if keep else x[:, 0].float()
     if representation == "mean":
         x = x.float()
         if m is None:
@@ -189,10 +195,11 @@ class StoreRows:
     def update(self, output: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.full:
             return
-        rows = represent(output, self.representation, mask)
+        # rows in the output's dtype when the store converts them anyway (no float32 temporary)
+        rows = represent(output, self.representation, mask, native=self.transform is None)
         # a NaN / Inf makes the sum non-finite; the float32 sum is ~50x faster than a float64 one
         # (which cannot overflow), so only a non-finite float32 sum is checked value by value
-        if not math.isfinite(float(rows.sum())) and not bool(torch.isfinite(rows).all()):
+        if not math.isfinite(float(rows.sum(dtype=torch.float32))) and not bool(torch.isfinite(rows).all()):
             raise DataError(
                 f"module {self.name or '?'} produced NaN or Inf activations; check the model "
                 "weights and inputs (for fp16 models, overflow is a common cause)"
@@ -200,7 +207,7 @@ class StoreRows:
         if self.n_samples is not None:
             rows = rows[: self.n_samples - self._rows]
         if self.transform is not None:
-            rows = self.transform(rows)
+            rows = self.transform(rows.float())
         shares_output = rows.untyped_storage().data_ptr() == output.untyped_storage().data_ptr()
         self._keep(rows, shares_output)
         self._rows += rows.shape[0]
@@ -212,7 +219,8 @@ class StoreRows:
         return self._width
 
     def _owned(self, rows: torch.Tensor, shares_output: bool) -> torch.Tensor:
-        """``rows`` in ``dtype`` on the CPU, in memory of their own."""
+        """``rows`` in ``dtype`` on the CPU, in memory of their own (one conversion from the
+        output's dtype: the same value as through float32, which holds every fp16 / bf16 value)."""
         stored = rows.to(self.dtype).cpu()
         if shares_output and stored.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
             # a view of the module's output: copy it, or an in-place op after the module (ReLU(inplace=True))
@@ -221,7 +229,8 @@ class StoreRows:
         return stored
 
     def _keep(self, rows: torch.Tensor, shares_output: bool) -> None:
-        """Store one batch's rows (float32, or the transform's output; on the model's device).
+        """Store one batch's rows (float32 or the output's floating dtype, or the transform's
+        output; on the model's device).
 
         Args:
             rows: the rows to keep.
