@@ -101,10 +101,11 @@ def estimate_ids(
     discard_fraction: float = 0.1,
     n_blocks: int | None = None,
     max_memory_mb: float | None = None,
-    storage_dtype: torch.dtype = torch.float32,
+    storage_dtype: torch.dtype | None = None,
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     spill_dir: str | Path | None = None,
+    full_forward: bool = False,
     progress: bool = True,
 ) -> IDProfile:
     """Per-layer intrinsic dimension of a model, each layer labelled vision / language / fusion.
@@ -117,8 +118,10 @@ def estimate_ids(
     (:func:`vlprune.adapters.hf.families.default_id_modules`). The modality of each layer comes from
     the model family (``describe_model``). See
     :func:`vlprune.plugins.intrinsic_dim.estimate_ids` for the arguments and the memory bound (one
-    forward pass; ``max_memory_mb=None``: half the available memory, rows past it spilled to disk
-    and read back exactly; ``sketch_dim``: a seeded random projection, approximate).
+    forward pass, each forward stopped after the last profiled module unless ``full_forward``;
+    ``max_memory_mb=None``: half the available memory, rows past it spilled to disk and read back
+    exactly; ``storage_dtype=None``: a bf16 / fp16 model's rows kept in its own dtype, lossless;
+    ``sketch_dim``: a seeded random projection, approximate).
 
     Example:
         >>> profile = vlprune.estimate_ids(model, calib_batches, n_samples=2000)   # doctest: +SKIP
@@ -144,6 +147,7 @@ def estimate_ids(
         sketch_dim=sketch_dim,
         sketch_seed=sketch_seed,
         spill_dir=spill_dir,
+        full_forward=full_forward,
         progress=progress,
     )
 

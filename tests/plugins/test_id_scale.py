@@ -386,3 +386,24 @@ def test_a_slab_is_sized_for_the_expected_batches_and_overflows_into_own_memory(
         first, extra = rows.stored_batches()
         assert first.shape == (128, 8192) and extra.shape == (40, 8192)
         assert torch.equal(rows.result(), torch.cat(outputs))
+
+
+def test_a_bf16_model_keeps_its_rows_in_bf16_with_the_float32_estimates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """storage_dtype=None (the default) keeps a half-precision output's rows in its own dtype:
+    half the memory of float32 and, bf16 -> float32 being exact, the very same IDs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 4096), nn.Tanh(), nn.Linear(4096, 8192)).to(torch.bfloat16)
+    batches = [torch.randn(8, 16, dtype=torch.bfloat16) * (1 + i) for i in range(4)]
+    slabs: list[torch.dtype] = []
+    real_slab = id_storage.anonymous_rows
+    monkeypatch.setattr(id_storage, "anonymous_rows", lambda n, w, d: (slabs.append(d), real_slab(n, w, d))[1])
+    monkeypatch.setattr(id_storage, "SLAB_MIN_BYTES", 0)  # a slab for every module, whatever its size
+    lossless = estimate_ids(model, batches, ["0", "2"], n_samples=32, progress=False)
+    assert slabs == [torch.bfloat16, torch.bfloat16]
+    slabs.clear()
+    wide = estimate_ids(model, batches, ["0", "2"], n_samples=32, storage_dtype=torch.float32, progress=False)
+    assert slabs == [torch.float32, torch.float32]
+    assert lossless.ids() == wide.ids()
+    # and both are TwoNN of the rows themselves
+    rows = torch.cat([model(b) for b in batches]).detach().float()
+    assert lossless["2"] == pytest.approx(twonn(rows), rel=1e-9)

@@ -232,10 +232,14 @@ class SpillingRows(StoreRows):
         # each stored batch: a tensor in RAM, or (byte offset, rows, width) in the spill file
         self._entries: list[torch.Tensor | tuple[int, int, int]] = []
         self._slab: torch.Tensor | None = None  # n_samples rows of the first batch's width (anonymous_rows)
-        self._itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._file_bytes = 0
         self._ram_bytes = 0
         self.written_bytes = 0  #: bytes ever written to disk (kept by :meth:`release`)
+
+    @property
+    def _itemsize(self) -> int:
+        """Bytes per stored value (the dtype is known from the first batch on)."""
+        return torch.empty((), dtype=self.dtype or torch.float32).element_size()
 
     @property
     def ram_bytes(self) -> int:
@@ -255,6 +259,7 @@ class SpillingRows(StoreRows):
             return
         if self._path is None:
             self._path = self._path_of()
+        assert self.dtype is not None  # resolved by update()
         chunk = rows.to(self.dtype).cpu().contiguous()
         raw = chunk.view(torch.uint8).numpy()
         try:
@@ -279,7 +284,7 @@ class SpillingRows(StoreRows):
             # room for n_samples rows, or for as many batches like this one as there are
             capacity = self.n_samples if self._batches is None else min(self.n_samples, n * self._batches)
             if capacity * width * self._itemsize >= SLAB_MIN_BYTES:
-                self._slab = anonymous_rows(capacity, width, self.dtype)
+                self._slab = anonymous_rows(capacity, width, self.dtype or torch.float32)
         if self._slab is not None:
             filled = int(self._entries[0].shape[0]) if self._entries else 0
             if len(self._entries) <= 1 and width == self._slab.shape[1] and filled + n <= self._slab.shape[0]:
@@ -295,11 +300,11 @@ class SpillingRows(StoreRows):
     def _read(self, entry: tuple[int, int, int], columns: slice | None = None) -> torch.Tensor:
         offset, rows, width = entry
         assert self._path is not None
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self._itemsize
         mm = np.memmap(self._path, dtype=np.uint8, mode="c", offset=offset, shape=(rows, width * itemsize))
         if columns is not None:
             mm = mm[:, columns.start * itemsize : columns.stop * itemsize]
-        return torch.from_numpy(np.ascontiguousarray(mm)).view(self.dtype)
+        return torch.from_numpy(np.ascontiguousarray(mm)).view(self.dtype or torch.float32)
 
     def column_block(self, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` of the stored rows, float32, zero beyond a batch's width (as
@@ -389,7 +394,7 @@ class RowStore:
         name: str,
         representation: Representation = "flatten",
         n_samples: int | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> SpillingRows:
         """The :class:`SpillingRows` of module ``name`` (created on the first call)."""
@@ -506,7 +511,7 @@ def check_first_batch(
     expected = 0
     for r in reducers.values():
         rows = min(n_samples, r.rows * n_items)
-        expected += rows * r.width * torch.empty((), dtype=r.dtype).element_size()
+        expected += rows * r.width * torch.empty((), dtype=r.dtype or torch.float32).element_size()
     reserve = min(int(budget_mb * 2**20), max(step_bytes(min(n_samples, r.rows * n_items), r.width) for r in reducers.values()))
     store.budget.limit = max(0, int(budget_mb * 2**20) - reserve)
     store.check_disk(expected)

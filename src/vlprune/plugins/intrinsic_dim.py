@@ -473,7 +473,7 @@ def estimate_ids(
     n_blocks: int | None = None,
     modality_of: Callable[[str], str] | None = None,
     max_memory_mb: float | None = None,
-    storage_dtype: torch.dtype = torch.float32,
+    storage_dtype: torch.dtype | None = None,
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     spill_dir: str | Path | None = None,
@@ -537,10 +537,13 @@ def estimate_ids(
             it in from the model family).
         max_memory_mb: RAM for the captured rows and one module's distance step (None: half the
             available memory). At least one float32 row of the widest module.
-        storage_dtype: dtype of stored rows (float16 / bfloat16 halve RAM and disk, and round the
-            rows). On real SmolLM2 at full size ``torch.bfloat16`` took 1.57x-1.73x a forward
-            against 2.43x-2.64x for float32 in the same runs, with layer IDs within 2.4e-5
-            (median) and 5.8e-3 (max) relative of the exact ones: the cheap way under 2x on CPU.
+        storage_dtype: dtype of stored rows. None (default): lossless, each module's rows in
+            its output's dtype when that is float16 / bfloat16 (a bf16 model's rows take half
+            the RAM and disk of float32, with the same values), else float32. A narrower dtype
+            than the output's rounds the rows: on real SmolLM2 (float32) at full size
+            ``torch.bfloat16`` took 1.57x-1.73x a forward against 2.43x-2.64x for float32 in the
+            same runs (before the cut forwards and slabs), with layer IDs within 2.4e-5 (median)
+            and 5.8e-3 (max) relative of the exact ones.
         sketch_dim: if set, sketch every module's rows to this many values (inexact; at most the
             narrowest module's row width).
         sketch_seed: seed of the sketch.
