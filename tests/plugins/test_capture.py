@@ -295,3 +295,32 @@ def test_half_precision_outputs_are_stored_as_through_float32(representation: st
     nan[0, 0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN or Inf"):
         StoreRows(representation).update(nan, None)
+
+
+def test_a_model_dispatched_by_accelerate_runs_whole() -> None:
+    """accelerate's hooks move offloaded weights back after a module's forward, which a cut
+    would skip: such a model (its modules carry ``_hf_hook``) is never cut."""
+    torch.manual_seed(0)
+    model = _Routed()
+    model.tail._hf_hook = object()  # what accelerate's dispatch_model / device_map leave on modules
+    tail = _tail_calls(model, "tail")
+    with ActivationCapture(model, ["a", "b"], lambda n: StoreRows("flatten")) as cap:
+        cap.run([torch.randn(5, 4).abs() for _ in range(3)], progress=False, cut=True)
+    assert tail[0] == 3
+
+
+def test_an_offloaded_model_is_fed_on_its_execution_device_and_runs_whole() -> None:
+    """accelerate's cpu_offload leaves the parameters on ``meta``: the batches go to the
+    execution device (they went to ``meta`` before, and the forward failed), and no forward is cut."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = _Routed()
+    batches = [torch.randn(5, 4).abs() for _ in range(3)]
+    whole = capture(model, batches, ["a", "b"], lambda n: StoreRows("flatten"), progress=False)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    tail = _tail_calls(model, "tail")
+    with ActivationCapture(model, ["a", "b"], lambda n: StoreRows("flatten")) as cap:
+        cap.run(batches, progress=False, cut=True)
+        got = cap.results()
+    assert all(torch.equal(got[n], whole[n]) for n in ("a", "b"))
+    assert tail[0] == 3 and model.tail.weight.device.type == "meta"  # whole forwards, offloaded again

@@ -359,8 +359,15 @@ def preserved_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Modu
 
 
 def _device_of(model: nn.Module) -> torch.device:
+    """Where the batches go: accelerate's execution device for a dispatched / offloaded model
+    (whose offloaded parameters sit on ``meta``), else the first parameter's device that holds
+    data (CPU when there is none)."""
+    device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device)
     for p in model.parameters():
-        return p.device
+        if p.device.type != "meta":
+            return p.device
     return torch.device("cpu")
 
 
@@ -580,7 +587,9 @@ class ActivationCapture:
                 batch is cut after the last of them only while its calls follow that order
                 exactly, and runs whole otherwise (e.g. input-dependent routing). The rest of the
                 model (a language model's head, a VLM's language model after a profiled vision
-                tower) is skipped. Only without ``grad``.
+                tower) is skipped. Only without ``grad``; a model dispatched by accelerate
+                (``device_map``, offloading: its modules carry ``_hf_hook``) always runs whole,
+                since its hooks put offloaded weights back after each module's forward.
 
         Returns:
             Number of samples seen.
@@ -590,6 +599,11 @@ class ActivationCapture:
         """
         if cut and grad:
             raise VLPruneError("run(cut=True) stops forwards early, which leaves nothing to backpropagate; use grad=False")
+        if cut and any(hasattr(m, "_hf_hook") for m in self.model.modules()):
+            # accelerate's dispatch hooks (device_map, offloading) move weights back in a
+            # post-forward step that an exception skips: run whole rather than leave them moved
+            logger.debug("run(cut=True): the model has accelerate hooks; every forward runs whole")
+            cut = False
         seen = 0
         items = iterate_batches(batches)
         with preserved_mode(self.model, training=False), torch.set_grad_enabled(grad):
