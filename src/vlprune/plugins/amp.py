@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins import distributed
-from vlprune.plugins.capture import call_model, iterate_batches, preserved_mode
+from vlprune.plugins.capture import call_model, iterate_batches, model_device, preserved_mode
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.structure import MLPLayout, mlp_layouts
 
@@ -221,7 +221,7 @@ def image_output(model: nn.Module, batch: Any) -> Any:
     """``model.get_image_features(pixel_values=...)`` when the model has it and the batch holds
     ``pixel_values`` (CLIP, SigLIP, BLIP, LLaVA: the image side only), else ``model(**batch)``."""
     if isinstance(batch, Mapping) and "pixel_values" in batch and hasattr(model, "get_image_features"):
-        device = next(model.parameters()).device
+        device = model_device(model)
         return model.get_image_features(pixel_values=batch["pixel_values"].to(device))
     return call_model(model, batch)
 
@@ -321,7 +321,7 @@ def batch_objective(
                     "objective='onehot' needs image-text pairs: batches with pixel_values and input_ids, "
                     "and a model with get_text_features (CLIP-like)"
                 )
-            device = next(model.parameters()).device
+            device = model_device(model)
             with torch.no_grad():
                 text = model.get_text_features(
                     input_ids=batch["input_ids"].to(device),

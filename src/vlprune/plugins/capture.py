@@ -43,6 +43,7 @@ __all__ = [
     "Representation",
     "Reducer",
     "StoreRows",
+    "model_device",
     "ChannelMean",
     "resolve_modules",
     "first_tensor",
@@ -358,7 +359,7 @@ def preserved_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Modu
             m.training = mode
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     """Where the batches go: accelerate's execution device for a dispatched / offloaded model
     (whose offloaded parameters sit on ``meta``), else the first parameter's device that holds
     data (CPU when there is none)."""
@@ -436,7 +437,7 @@ def call_model(model: nn.Module, batch: Any) -> Any:
             model takes and, where known, how to build batches it accepts (the original error is
             chained as ``__cause__``).
     """
-    batch = _to(batch, _device_of(model))
+    batch = _to(batch, model_device(model))
     try:
         if isinstance(batch, Mapping):
             return model(**batch)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vlprune.errors import ModelStructureError, VLPruneError
+from vlprune.plugins.capture import model_device
 
 if TYPE_CHECKING:
     from vlprune.adapters.hf.token_pruning import Positions, TokenMethod
@@ -160,7 +161,7 @@ def measure_token_pruning(
     if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
         raise VLPruneError(f"warmup must be an int >= 0, got {warmup!r}")
     pruner = VisualTokenPruning(model, _make_method(method, keep, method_kwargs), positions or DEFAULT_POSITIONS)
-    device = next(model.parameters()).device
+    device = model_device(model)
     n = int(batch["input_ids"].shape[1])
     gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     if getattr(getattr(model, "generation_config", None), "pad_token_id", None) is None:
