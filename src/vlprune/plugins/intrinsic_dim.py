@@ -501,8 +501,8 @@ def estimate_ids(
     memory falls below a quarter of its starting value (other processes growing meanwhile).
     Each module's rows in RAM live in one memory mapping of their own (returned to the system
     when the profile returns). Real SmolLM2-135M (210 linears, 40 MB of flatten rows per sample)
-    over 256 samples x 64 tokens on 2 idle CPU cores: 1.80x to 1.97x one plain forward pass over
-    the same batches (median 1.93x over 5 runs; all 9.7 GB of rows in RAM; 2.6x with
+    over 256 samples x 64 tokens on 2 idle CPU cores: 1.76x to 2.09x one plain forward pass over
+    the same batches (median 1.93x over 8 runs; all 9.7 GB of rows in RAM; 2.6x with
     ``max_memory_mb=2048``, 7.7 GB spilled; docs/benchmarks.md, section "``estimate_ids`` at
     real size").
 
