@@ -136,6 +136,30 @@ def test_neuron_importance_leaves_model_untouched() -> None:
     assert "vision_model.encoder.layers.0.mlp" in scores
 
 
+def test_neuron_importance_frees_a_batch_before_the_next_forward() -> None:
+    """A batch's hidden activations and their gradients are gone when the next batch runs (kept,
+    they doubled what the next batch's backward held: +45-50% peak memory from 8 to 16 samples)."""
+    import gc
+    import weakref
+
+    model = tiny_model("clip")
+    down = model.vision_model.encoder.layers[-1].mlp.fc2
+    seen: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(weakref.ref(args[0])))
+
+    def objective(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        gc.collect()
+        alive.append(sum(r() is not None for r in seen))  # earlier batches' activations still held
+        return amp.entropy_objective(amp.default_embedding(m, batch), 0.05)
+
+    try:
+        amp.neuron_importance(model, _clip_batches(3, 4), objective=objective, progress=False)
+    finally:
+        handle.remove()
+    assert alive == [0, 0, 0]
+
+
 def test_neuron_importance_gated_mlp_with_custom_embedding() -> None:
     from transformers import LlamaConfig, LlamaModel
 

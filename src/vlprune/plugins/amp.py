@@ -475,6 +475,10 @@ def neuron_importance(
                         s = per_sample.sum(dim=0).cpu()
                         sums[n] = sums[n] + s if n in sums else s
                 count += batch_size or 0
+                # free this batch's activations and gradients before the next forward: kept, they
+                # doubled the hidden activations held at the next batch's peak
+                del value, acts, grads, gi
+                a = g = prod = per_sample = None  # type: ignore[assignment]
     finally:
         for h in handles:
             h.remove()
