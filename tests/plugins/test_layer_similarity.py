@@ -181,6 +181,28 @@ def test_one_forward_per_batch_for_all_layers() -> None:
     assert len(calls) == 3
 
 
+def test_forwards_stop_after_the_last_decoder_layer_with_the_same_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the second batch on, the final norm and the head do not run (what follows the last
+    decoder layer's output hook is not needed); the scores equal those of whole forwards."""
+    from vlprune.plugins import capture
+
+    model = _llama()
+    batches = [_batch(LENGTHS), _batch(LENGTHS[:2]), _batch(LENGTHS)]
+    heads: list[int] = []
+    h = model.lm_head.register_forward_pre_hook(lambda *_: heads.append(1))
+    try:
+        cut = ls.layer_similarity(model, batches, progress=False)
+        cut_angular = ls.angular_distance_matrix(model, batches, progress=False)
+        assert len(heads) == 2  # the first batch of each call
+        monkeypatch.setattr(ls, "ForwardCut", lambda m: capture.ForwardCut(m, enabled=False))
+        whole = ls.layer_similarity(model, batches, progress=False)
+        whole_angular = ls.angular_distance_matrix(model, batches, progress=False)
+        assert len(heads) == 2 + 6
+    finally:
+        h.remove()
+    assert torch.equal(cut, whole) and torch.equal(cut_angular, whole_angular)
+
+
 def test_block_influence_is_one_minus_similarity() -> None:
     model = _llama()
     batches = [_batch(LENGTHS)]

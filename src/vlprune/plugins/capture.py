@@ -44,6 +44,7 @@ __all__ = [
     "Reducer",
     "StoreRows",
     "model_device",
+    "ForwardCut",
     "ChannelMean",
     "resolve_modules",
     "first_tensor",
@@ -479,9 +480,65 @@ def iterate_batches(batches: Iterable[Any]) -> list[Any]:
 
 
 class _ForwardCut(BaseException):
-    """Raised by a hook to stop a forward whose remaining part is not needed
-    (:meth:`ActivationCapture.run` with ``cut=True``). A ``BaseException``, so that model code
-    catching ``Exception`` lets it through."""
+    """Raised by a hook to stop a forward whose remaining part is not needed (:class:`ForwardCut`).
+    A ``BaseException``, so that model code catching ``Exception`` lets it through."""
+
+
+class ForwardCut:
+    """Stops each forward right after the last hooked call it needs.
+
+    The first whole forward records the sequence of hooked calls (:meth:`called` with a label
+    each); in a later forward the hook of the last call of that sequence raises, ending the
+    forward, as long as the calls so far follow the sequence exactly (a forward that strays from
+    it, e.g. through input-dependent routing, runs whole). Nothing happens for a model dispatched
+    by accelerate (``device_map``, offloading: its modules carry ``_hf_hook``), whose hooks put
+    offloaded weights back after each module's forward, a step an exception would skip.
+
+    Args:
+        model: the model whose forwards are cut.
+        enabled: False: every forward runs whole (:meth:`forward` only calls the model).
+
+    Example:
+        >>> cut = ForwardCut(model, enabled=True)                        # doctest: +SKIP
+        >>> # in each hook, after its work: cut.called(name)
+        >>> for batch in batches:
+        ...     cut.forward(lambda: call_model(model, batch))            # doctest: +SKIP
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        if enabled and any(hasattr(m, "_hf_hook") for m in model.modules()):
+            logger.debug("ForwardCut: the model has accelerate hooks; every forward runs whole")
+            enabled = False
+        self.enabled = enabled
+        self._plan: list[Any] | None = None  # the first whole forward's hooked calls, in order
+        self._calls: list[Any] | None = None  # this forward's so far (None: not cutting it)
+
+    def called(self, label: Any) -> None:
+        """Record a hooked call of the current forward; raises (ending the forward) after the
+        last call of the plan. Call it at the end of the hook, after its work."""
+        calls = self._calls
+        if calls is None:
+            return
+        plan = self._plan
+        if plan is not None and (len(calls) >= len(plan) or plan[len(calls)] != label):
+            self._calls = None  # not the first forward's sequence: this one runs whole
+            return
+        calls.append(label)
+        if plan is not None and len(calls) == len(plan):
+            raise _ForwardCut
+
+    def forward(self, call: Callable[[], Any]) -> bool:
+        """Run ``call`` (one forward of the model); True if it was cut."""
+        self._calls = [] if self.enabled else None
+        try:
+            call()
+            if self._plan is None and self._calls is not None:
+                self._plan = self._calls
+            return False
+        except _ForwardCut:
+            return True
+        finally:
+            self._calls = None
 
 
 class ActivationCapture:
@@ -510,10 +567,7 @@ class ActivationCapture:
         self.reducers: dict[str, Reducer] = {n: reducer_factory(n) for n in self.names}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None
-        # cut forwards (run(cut=True)): the hooked modules' calls in the first whole forward, in
-        # order, and the calls seen so far in the current batch (None: not cutting this batch)
-        self._plan: list[str] | None = None
-        self._calls: list[str] | None = None
+        self._cut: ForwardCut | None = None  # run(cut=True): kept across runs (its plan)
 
     def _hook(self, name: str) -> Callable[..., None]:
         reducer = self.reducers[name]
@@ -527,23 +581,10 @@ class ActivationCapture:
                     reducer.update(tensor.movedim(1, -1), None)
                 else:
                     reducer.update(tensor, self._mask)
-            if self._calls is not None:
-                self._follow(name)
+            if self._cut is not None:
+                self._cut.called(name)
 
         return hook
-
-    def _follow(self, name: str) -> None:
-        """Record a hooked call of the current batch; stop the forward after the last one the
-        plan has (while the calls follow the plan; a batch that strays from it runs whole)."""
-        calls = self._calls
-        assert calls is not None
-        plan = self._plan
-        if plan is not None and (len(calls) >= len(plan) or plan[len(calls)] != name):
-            self._calls = None  # not the first batch's sequence: no cut for this batch
-            return
-        calls.append(name)
-        if plan is not None and len(calls) == len(plan):
-            raise _ForwardCut
 
     def __enter__(self) -> ActivationCapture:
         modules = dict(self.model.named_modules())
@@ -600,26 +641,21 @@ class ActivationCapture:
         """
         if cut and grad:
             raise VLPruneError("run(cut=True) stops forwards early, which leaves nothing to backpropagate; use grad=False")
-        if cut and any(hasattr(m, "_hf_hook") for m in self.model.modules()):
-            # accelerate's dispatch hooks (device_map, offloading) move weights back in a
-            # post-forward step that an exception skips: run whole rather than leave them moved
-            logger.debug("run(cut=True): the model has accelerate hooks; every forward runs whole")
-            cut = False
+        if cut and self._cut is None:
+            self._cut = ForwardCut(self.model)
+        cutter = self._cut if cut else None
         seen = 0
         items = iterate_batches(batches)
         with preserved_mode(self.model, training=False), torch.set_grad_enabled(grad):
             for batch in tqdm(items, desc=desc, disable=not progress, leave=False):
                 self._mask = batch_mask(batch)
-                self._calls = [] if cut else None
                 try:
-                    call_model(self.model, batch)
-                    if cut and self._plan is None and self._calls is not None:
-                        self._plan = self._calls  # the first whole forward's sequence of hooked calls
-                except _ForwardCut:
-                    pass
+                    if cutter is not None:
+                        cutter.forward(lambda: call_model(self.model, batch))
+                    else:
+                        call_model(self.model, batch)
                 finally:
                     self._mask = None
-                    self._calls = None
                 seen += _batch_size(batch)
                 if stop_when is not None and stop_when():
                     break

@@ -1,7 +1,8 @@
 """Which decoder layers to drop: activation-similarity layer scores and layer-selection strategies.
 
 Scores (one forward pass per calibration batch for all layers, streamed: hooks on the decoder
-layers keep per-layer sums and counts, never the hidden states of all layers or batches):
+layers keep per-layer sums and counts, never the hidden states of all layers or batches; from the
+second batch on each forward stops after the last decoder layer, :class:`~vlprune.plugins.capture.ForwardCut`):
 
 * :func:`layer_similarity` — per decoder layer ``l``, the mean cosine similarity between the
   layer's input and output hidden states (Khaki et al., 2026: "domain-aware activation
@@ -63,7 +64,7 @@ from tqdm.auto import tqdm
 
 from vlprune.errors import DataError, ModelStructureError, VLPruneError
 from vlprune.plugins import distributed
-from vlprune.plugins.capture import batch_mask, call_model, first_tensor, iterate_batches, preserved_mode
+from vlprune.plugins.capture import ForwardCut, batch_mask, call_model, first_tensor, iterate_batches, preserved_mode
 from vlprune.plugins.hookspecs import CriterionSpec, hookimpl
 from vlprune.plugins.layer_selection import (  # re-exported: selection lives in its own module
     DEFAULT_REGIME_SWITCH,
@@ -196,6 +197,9 @@ class _LayerPairs:
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
+        # what follows the last decoder layer (final norm, head) is not needed: each forward stops
+        # after that layer's output hook, while the layers run in the first forward's order
+        self._cut = ForwardCut(model)
 
     # rows of the real tokens, in the compute dtype, and each row's sample index
     def _rows(self, i: int, x: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +287,7 @@ class _LayerPairs:
                 self._last[i] = x_rows
                 if i == len(self.names) - 1:
                     self._last[i + 1] = y_rows
+            self._cut.called(i)
 
         return hook
 
@@ -314,7 +319,7 @@ class _LayerPairs:
                 self._inputs.clear()
                 self._last.clear()
                 try:
-                    call_model(self.model, batch)
+                    self._cut.forward(lambda: call_model(self.model, batch))
                 finally:
                     self._mask = None
                 missing = [self.names[i] for i in range(len(self.names)) if i in self._inputs]
