@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vlprune.errors import VLPruneError
-from vlprune.plugins.capture import preserved_mode
+from vlprune.plugins.capture import model_device, preserved_mode
 from vlprune.testbed.data import DIGIT_WORDS, build_tokenizer, make_scenes, pixel_values, vocab_index
 
 __all__ = ["TASKS", "evaluate", "retrieval", "vqa_accuracy", "caption_scores", "generate_answers", "generate_captions"]
@@ -40,7 +40,7 @@ _EVAL_SEED = 12345
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return model_device(model)
 
 
 @torch.no_grad()

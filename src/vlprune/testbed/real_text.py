@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from vlprune.errors import VLPruneError
+from vlprune.plugins.capture import model_device
 from vlprune.testbed.real import INSTALL_HINT, real_cache_dir
 from vlprune.testbed.real import sha256_file as _sha256
 
@@ -356,7 +357,7 @@ def minilm_embed(model: Any, tokenizer: Any, sentences: list[str], normalize: bo
     if not sentences:
         raise VLPruneError("minilm_embed got no sentences; pass a non-empty list of strings")
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=256, return_tensors="pt")
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+    batch = {k: v.to(model_device(model)) for k, v in batch.items()}
     hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
