@@ -101,7 +101,7 @@ def anonymous_rows(n_rows: int, width: int, dtype: torch.dtype) -> torch.Tensor 
         The tensor, or None where the system has no anonymous mappings or refuses this one
         (the caller falls back to ordinary allocations).
     """
-    nbytes = n_rows * width * torch.empty((), dtype=dtype).element_size()
+    nbytes = n_rows * width * dtype.itemsize
     if nbytes == 0:
         return None
     try:
@@ -239,7 +239,7 @@ class SpillingRows(StoreRows):
     @property
     def _itemsize(self) -> int:
         """Bytes per stored value (the dtype is known from the first batch on)."""
-        return torch.empty((), dtype=self.dtype or torch.float32).element_size()
+        return (self.dtype or torch.float32).itemsize
 
     @property
     def ram_bytes(self) -> int:
@@ -254,7 +254,7 @@ class SpillingRows(StoreRows):
     def _keep(self, rows: torch.Tensor, shares_output: bool) -> None:
         nbytes = rows.shape[0] * rows.shape[1] * self._itemsize
         if self._file_bytes == 0 and self._budget.take(nbytes):
-            self._entries.append(self._in_ram(rows, shares_output))
+            self._in_ram(rows, shares_output)
             self._ram_bytes += nbytes
             return
         if self._path is None:
@@ -275,10 +275,10 @@ class SpillingRows(StoreRows):
         self._file_bytes += raw.size
         self.written_bytes += raw.size
 
-    def _in_ram(self, rows: torch.Tensor, shares_output: bool) -> torch.Tensor:
+    def _in_ram(self, rows: torch.Tensor, shares_output: bool) -> None:
         """Copy ``rows`` to their RAM home: the next rows of the module's slab while they fit
-        it (:func:`anonymous_rows`), else memory of their own. The slab's rows since the first
-        batch are ONE entry, so reading them back joins nothing."""
+        it (:func:`anonymous_rows`), else memory of their own. While the slab is in use it is the
+        only entry (its filled rows), so reading them back joins nothing."""
         n, width = int(rows.shape[0]), int(rows.shape[1])
         if self._slab is None and not self._entries and self.n_samples is not None:
             # room for n_samples rows, or for as many batches like this one as there are
@@ -287,12 +287,12 @@ class SpillingRows(StoreRows):
                 self._slab = anonymous_rows(capacity, width, self.dtype or torch.float32)
         if self._slab is not None:
             filled = int(self._entries[0].shape[0]) if self._entries else 0
-            if len(self._entries) <= 1 and width == self._slab.shape[1] and filled + n <= self._slab.shape[0]:
+            if width == self._slab.shape[1] and filled + n <= self._slab.shape[0]:
                 self._slab[filled : filled + n].copy_(rows)
-                self._entries[:1] = []  # the slab's rows, one longer entry
-                return self._slab[: filled + n]
-            self._slab = None  # a row width it cannot hold: the rest get memory of their own
-        return self._owned(rows, shares_output)
+                self._entries[:] = [self._slab[: filled + n]]
+                return
+            self._slab = None  # rows it cannot hold: these and the rest get memory of their own
+        self._entries.append(self._owned(rows, shares_output))
 
     def _stored_chunks(self) -> list[torch.Tensor]:
         return [self._read(e) if isinstance(e, tuple) else e for e in self._entries]
@@ -511,7 +511,7 @@ def check_first_batch(
     expected = 0
     for r in reducers.values():
         rows = min(n_samples, r.rows * n_items)
-        expected += rows * r.width * torch.empty((), dtype=r.dtype or torch.float32).element_size()
+        expected += rows * r.width * (r.dtype or torch.float32).itemsize
     reserve = min(int(budget_mb * 2**20), max(step_bytes(min(n_samples, r.rows * n_items), r.width) for r in reducers.values()))
     store.budget.limit = max(0, int(budget_mb * 2**20) - reserve)
     store.check_disk(expected)
