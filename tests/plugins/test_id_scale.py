@@ -407,3 +407,20 @@ def test_a_bf16_model_keeps_its_rows_in_bf16_with_the_float32_estimates(monkeypa
     # and both are TwoNN of the rows themselves
     rows = torch.cat([model(b) for b in batches]).detach().float()
     assert lossless["2"] == pytest.approx(twonn(rows), rel=1e-9)
+
+
+def test_spilled_rows_are_read_from_disk_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A module whose batches went to disk is read back once for its estimate (the search path
+    read every spilled batch twice: once as blocks, once joined)."""
+    model = tiny_model("clip")
+    batches = batches_for("clip", n_batches=4, batch_size=8)
+    module = "vision_model.encoder.layers.0.mlp.fc1"
+    reads: list[int] = []
+    real_read = id_storage.SpillingRows._read
+    monkeypatch.setattr(id_storage.SpillingRows, "_read", lambda self, e, columns=None: (reads.append(e[0]), real_read(self, e, columns))[1])
+    kw = dict(n_samples=256, representation="tokens", progress=False)  # the search path: many narrow rows
+    in_ram = estimate_ids(model, batches, [module], **kw)
+    assert reads == []
+    spilled = estimate_ids(model, batches, [module], max_memory_mb=0.2, spill_dir=tmp_path, **kw)
+    assert reads and len(reads) == len(set(reads))  # each spilled batch once
+    assert spilled.ids() == in_ram.ids()

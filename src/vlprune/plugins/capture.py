@@ -268,12 +268,16 @@ class StoreRows:
 
     def result(self) -> torch.Tensor:
         """(rows, features) tensor of the stored rows (float32)."""
-        stored = self._stored_chunks()
-        if not stored:
+        return self.joined(self._stored_chunks())
+
+    def joined(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """``batches`` (:meth:`stored_batches`, already read) as :meth:`result` returns them: one
+        (rows, features) float32 tensor, each batch zero-padded to the widest row stored."""
+        if not batches:
             return torch.empty(0, 0)
         chunks = [
             torch.nn.functional.pad(c, (0, self._width - c.shape[1])) if c.shape[1] < self._width else c
-            for c in stored
+            for c in batches
         ]
         return torch.cat(chunks).float()
 

@@ -372,21 +372,19 @@ def _layer_rows(store: RowStore, name: str, parts_ok: bool = False) -> torch.Ten
     returned as it is (float32 storage) to the other paths.
     """
     reducer = store[name]
-    if not distributed.is_active():
-        parts = reducer.stored_batches()
-        if len({int(b.shape[1]) for b in parts}) == 1:
-            if parts_ok and uses_gram_path(reducer.rows, reducer.width):
-                store.release(name)
-                return parts
-            if len(parts) == 1:  # one block (the module's slab, id_storage.anonymous_rows): no copy
-                store.release(name)
-                return parts[0].float()
-        del parts
-    rows = store.rows(name)
-    keep = reducer.n_samples
-    store.release(name)
     if distributed.is_active():  # every rank's rows in rank order: the first n_samples of the union
-        rows = distributed.gather_rows(rows)[:keep]
+        rows = store.rows(name)
+        store.release(name)
+        return distributed.gather_rows(rows)[: reducer.n_samples]
+    parts = reducer.stored_batches()  # spilled batches are read from disk here, once
+    one_width = len({int(b.shape[1]) for b in parts}) == 1
+    if parts_ok and one_width and uses_gram_path(reducer.rows, reducer.width):
+        rows: torch.Tensor | list[torch.Tensor] = parts
+    elif one_width and len(parts) == 1:  # one block (the module's slab, id_storage.anonymous_rows): no copy
+        rows = parts[0].float()
+    else:
+        rows = reducer.joined(parts)
+    store.release(name)
     return rows
 
 
