@@ -96,18 +96,17 @@ def fresh_memory_rates(gb: int) -> list[float]:
     GB (first touch: page faults and zeroing). On a virtual machine whose host backs guest memory
     on demand the first few GB are fast (pages the guest used recently) and the rest several times
     slower; afterwards those pages are fast for a while (``--warm-gb``)."""
-    import mmap
+    from vlprune.plugins.id_storage import anonymous_rows
 
-    mapping = mmap.mmap(-1, gb * 2**30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    values = torch.frombuffer(mapping, dtype=torch.float32).view(gb, -1)
+    values = anonymous_rows(gb, 2**28, torch.float32)  # new memory of its own, like the profile's slabs
+    if values is None:
+        raise SystemExit("this system refuses anonymous memory mappings; leave out --warm-gb")
     rates = []
     for i in range(gb):
         t0 = time.perf_counter()
         values[i].fill_(1.0)
         rates.append(1.0 / (time.perf_counter() - t0))
-    del values
-    mapping.close()
-    return rates
+    return rates  # the mapping goes back with the last view of it
 
 
 def smollm2_batches(n: int, seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:

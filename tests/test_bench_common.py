@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.conftest import import_benchmarks
 
 
 @pytest.fixture()
 def common():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import _common
-
-        yield _common
-    finally:
-        sys.path.remove(str(BENCH))
+    for (module,) in import_benchmarks("_common"):  # benchmarks/ on sys.path while the test runs
+        yield module
 
 
 def test_save_writes_json_and_plot_and_redraw_reads_them_back(common, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
