@@ -386,6 +386,23 @@ def _activations_require_grad(model: nn.Module, layouts: Iterable[MLPLayout]) ->
             w.requires_grad_(False)
 
 
+def _add_scores(
+    sums: dict[str, torch.Tensor], acts: list[tuple[str, torch.Tensor]], grads: Sequence[torch.Tensor | None]
+) -> int:
+    """Add one batch's ``sum_samples |sum_positions a * dE/da|`` per hidden neuron to ``sums``
+    (by MLP name, on the CPU); returns the batch size (0 when no activation got a gradient)."""
+    batch_size = 0
+    for (name, a), g in zip(acts, grads):
+        if g is None:
+            continue
+        prod = (a.detach() * g).float()
+        per_sample = (prod.sum(dim=tuple(range(1, prod.dim() - 1))) if prod.dim() > 2 else prod).abs()
+        batch_size = per_sample.shape[0]
+        s = per_sample.sum(dim=0).cpu()
+        sums[name] = sums[name] + s if name in sums else s
+    return batch_size
+
+
 def neuron_importance(
     model: nn.Module,
     batches: Iterable[Any],
@@ -461,24 +478,10 @@ def neuron_importance(
                             "check embed= / objective= or the mlps= names"
                         )
                     grads = torch.autograd.grad(value, acts, allow_unused=True)
-                gi = iter(grads)
-                batch_size = None
-                for n in names:
-                    for a in captured[n]:
-                        g = next(gi)
-                        if g is None:
-                            continue
-                        prod = (a.detach() * g).float()
-                        per_sample = prod.sum(dim=tuple(range(1, prod.dim() - 1))) if prod.dim() > 2 else prod
-                        per_sample = per_sample.abs()
-                        batch_size = per_sample.shape[0]
-                        s = per_sample.sum(dim=0).cpu()
-                        sums[n] = sums[n] + s if n in sums else s
-                count += batch_size or 0
+                count += _add_scores(sums, [(n, a) for n in names for a in captured[n]], grads)
                 # free this batch's activations and gradients before the next forward: kept, they
                 # doubled the hidden activations held at the next batch's peak
-                del value, acts, grads, gi
-                a = g = prod = per_sample = None  # type: ignore[assignment]
+                del value, acts, grads
     finally:
         for h in handles:
             h.remove()
