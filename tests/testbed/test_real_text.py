@@ -189,9 +189,11 @@ def test_a_weight_file_is_hashed_once_until_it_changes(tmp_path: Path, monkeypat
     target = fake_pkg / "model" / "model.safetensors"
     target.write_bytes((real_dir / "model.safetensors").read_bytes())
     monkeypatch.setattr(real_text, "_package_dir", lambda pkg, dist: fake_pkg)
+    from vlprune.testbed import real
+
     hashed: list[Path] = []
-    real_sha = real_text._sha256
-    monkeypatch.setattr(real_text, "_sha256", lambda path: (hashed.append(path), real_sha(path))[1])
+    real_hash = real._hash_file
+    monkeypatch.setattr(real, "_hash_file", lambda path: (hashed.append(path), real_hash(path))[1])
     for _ in range(3):
         real_text.minilm_model_dir(verify=True)
     assert hashed == [target]  # checked once, then remembered

@@ -59,13 +59,27 @@ def real_cache_dir(name: str) -> Path:
     return base / name
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a (large) file, read in 4 MiB chunks."""
+#: digests computed in this process, by (path, size, mtime): a weight file is hashed once, not on
+#: every load (loading SmolLM2 and its tokenizer hashed the 100 MB GGUF twice)
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a (large) file, read in 4 MiB chunks; computed once per process while the
+    file's size and modification time stay the same."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(Path(path))
+    return _DIGESTS[key]
 
 
 #: name -> (module, model loader, processor / tokenizer loader)

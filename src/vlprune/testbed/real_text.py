@@ -88,21 +88,12 @@ def _record_sha256(dist: str, relpath: str) -> str | None:
 
 
 
-#: files already checked in this process, by (path, size, mtime): a file is hashed once, not on
-#: every load (loading SmolLM2 and its tokenizer hashed the 100 MB GGUF twice)
-_VERIFIED: set[tuple[str, int, int]] = set()
-
-
 def _verified_file(pkg: str, dist: str, relpath: str) -> Path:
-    """Path of ``<pkg>/<relpath>``, checked to exist and to match the RECORD checksum (once per
-    process while its size and modification time stay the same)."""
+    """Path of ``<pkg>/<relpath>``, checked to exist and to match the RECORD checksum (the file is
+    hashed once per process while its size and modification time stay the same: ``sha256_file``)."""
     path = _package_dir(pkg, dist) / relpath
     if not path.is_file():
         raise VLPruneError(f"{path} is missing from the installed package {dist!r}; reinstall it: {INSTALL_HINT}")
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key in _VERIFIED:
-        return path
     expected = _record_sha256(dist, f"{pkg}/{relpath}")
     if expected is not None:
         actual = _sha256(path)
@@ -113,7 +104,6 @@ def _verified_file(pkg: str, dist: str, relpath: str) -> Path:
             )
     else:
         logger.warning("no RECORD checksum for %s; using it unchecked", path)
-    _VERIFIED.add(key)
     return path
 
 
