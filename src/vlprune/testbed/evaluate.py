@@ -39,10 +39,6 @@ TASKS: tuple[str, ...] = ("retrieval", "vqa", "caption")
 _EVAL_SEED = 12345
 
 
-def _device(model: nn.Module) -> torch.device:
-    return model_device(model)
-
-
 @torch.no_grad()
 def retrieval(model: nn.Module, split: str = "test", n: int = 500, batch_size: int = 250) -> dict[str, float]:
     """Image <-> caption recall@1 among ``n`` scenes, and zero-shot top-left digit accuracy."""
@@ -50,7 +46,7 @@ def retrieval(model: nn.Module, split: str = "test", n: int = 500, batch_size: i
         raise VLPruneError(f"task 'retrieval' needs a dual encoder (CLIP-like), got {type(model).__name__}")
     tok = build_tokenizer()
     scenes = make_scenes(split, n, seed=_EVAL_SEED)  # type: ignore[arg-type]
-    device = _device(model)
+    device = model_device(model)
 
     def embed_images(chunk: list[Any]) -> torch.Tensor:
         out = model.get_image_features(pixel_values=pixel_values(chunk).to(device))
@@ -95,7 +91,7 @@ def generate_answers(model: nn.Module, scenes: list[Any], prompts: list[str], ma
     vocab = vocab_index()
     words = {i: w for w, i in vocab.items()}
     pad, eos = vocab["[PAD]"], vocab["[EOS]"]
-    device = _device(model)
+    device = model_device(model)
     answers: list[str] = []
     with preserved_mode(model, training=False):
         for start in range(0, len(scenes), batch_size):
@@ -122,7 +118,7 @@ def generate_captions(model: nn.Module, scenes: list[Any], max_new_tokens: int =
     vocab = vocab_index()
     words = {i: w for w, i in vocab.items()}
     stop = {vocab["[SEP]"], vocab["[PAD]"], vocab["[EOS]"]}
-    device = _device(model)
+    device = model_device(model)
     captions: list[str] = []
     with preserved_mode(model, training=False):
         for start in range(0, len(scenes), batch_size):
